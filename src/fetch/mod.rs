@@ -1,0 +1,253 @@
+//! Fetching pay details under the provider's limits: the shared HTTP [`Transport`]
+//! (rate limiter, pause gate, timeout, body cap), the retry loop [`fetch_order`], and
+//! the request counters in [`Stats`].
+//!
+//! - `ratelimit`: GCRA limiter plus the "pause every worker" gate used after a 429.
+//! - `retry`: the one decision function that says retry, give up, or stop the run.
+
+pub mod ratelimit;
+pub mod retry;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
+
+use bytes::{Bytes, BytesMut};
+use reqwest::header::{HeaderMap, RETRY_AFTER};
+
+use crate::model::PayDetail;
+use crate::provider::{FetchError, OrderRef, PayProvider, Provider};
+pub use ratelimit::Limiter;
+pub use retry::{Action, RetryPolicy};
+
+/// Longest `Retry-After` paysync honours; a larger value is clamped to this.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
+
+/// Request counters for the end-of-run summary and metrics. Cheap to update from
+/// every worker.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// HTTP requests sent (every provider call, token and currency calls included).
+    pub requests: AtomicU64,
+    /// Attempts that were retried.
+    pub retries: AtomicU64,
+    /// Throttling answers (HTTP 429 or a 429 code in the body).
+    pub throttled: AtomicU64,
+    /// Failed attempts by class: timeouts, transport errors, 5xx, malformed bodies.
+    pub timeouts: AtomicU64,
+    pub transport_errors: AtomicU64,
+    pub server_errors: AtomicU64,
+    pub malformed: AtomicU64,
+}
+
+impl Stats {
+    fn bump(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn get(counter: &AtomicU64) -> u64 {
+        counter.load(Ordering::Relaxed)
+    }
+
+    fn record_failure(&self, e: &FetchError) {
+        match e {
+            FetchError::Throttled { .. } => Self::bump(&self.throttled),
+            FetchError::Timeout(_) => Self::bump(&self.timeouts),
+            FetchError::Transport(_) => Self::bump(&self.transport_errors),
+            FetchError::Server { .. } => Self::bump(&self.server_errors),
+            FetchError::Malformed { .. } | FetchError::TooLarge { .. } => {
+                Self::bump(&self.malformed)
+            }
+            FetchError::Auth(_) | FetchError::NotFound | FetchError::Rejected(_) => {}
+        }
+    }
+}
+
+/// An HTTP answer read in full (up to the body cap).
+#[derive(Debug, Clone)]
+pub struct RawResponse {
+    pub status: u16,
+    /// `Retry-After`, already turned into a delay from now (clamped to [`MAX_RETRY_AFTER`]).
+    pub retry_after: Option<Duration>,
+    pub body: Bytes,
+}
+
+/// The one way providers talk HTTP: waits for the limiter before every request,
+/// applies the timeout to the whole exchange, and caps the body size.
+#[derive(Clone)]
+pub struct Transport {
+    client: reqwest::Client,
+    limiter: Arc<Limiter>,
+    timeout: Duration,
+    max_body: usize,
+    stats: Arc<Stats>,
+}
+
+impl Transport {
+    pub fn new(
+        limiter: Arc<Limiter>,
+        timeout: Duration,
+        max_body: usize,
+        stats: Arc<Stats>,
+    ) -> Result<Self, reqwest::Error> {
+        let client = reqwest::Client::builder()
+            .user_agent(concat!("paysync/", env!("CARGO_PKG_VERSION")))
+            .https_only(false)
+            .tls_built_in_root_certs(true)
+            .pool_max_idle_per_host(256)
+            .build()?;
+        Ok(Self {
+            client,
+            limiter,
+            timeout,
+            max_body,
+            stats,
+        })
+    }
+
+    /// The client to build requests with; send them with [`Transport::send`].
+    pub fn client(&self) -> &reqwest::Client {
+        &self.client
+    }
+
+    pub fn limiter(&self) -> &Arc<Limiter> {
+        &self.limiter
+    }
+
+    pub fn stats(&self) -> &Arc<Stats> {
+        &self.stats
+    }
+
+    /// Sends one request after the limiter admits it, and reads the whole body.
+    pub async fn send(&self, request: reqwest::RequestBuilder) -> Result<RawResponse, FetchError> {
+        self.limiter.acquire().await;
+        Stats::bump(&self.stats.requests);
+        match tokio::time::timeout(self.timeout, self.exchange(request)).await {
+            Ok(r) => r,
+            Err(_) => Err(FetchError::Timeout(self.timeout)),
+        }
+    }
+
+    async fn exchange(&self, request: reqwest::RequestBuilder) -> Result<RawResponse, FetchError> {
+        let mut resp = request.send().await.map_err(transport_error)?;
+        let status = resp.status().as_u16();
+        let retry_after = parse_retry_after(resp.headers(), SystemTime::now());
+        if resp
+            .content_length()
+            .is_some_and(|n| n > self.max_body as u64)
+        {
+            return Err(FetchError::TooLarge {
+                limit: self.max_body,
+            });
+        }
+        let mut body = BytesMut::new();
+        while let Some(chunk) = resp.chunk().await.map_err(transport_error)? {
+            if body.len() + chunk.len() > self.max_body {
+                return Err(FetchError::TooLarge {
+                    limit: self.max_body,
+                });
+            }
+            body.extend_from_slice(&chunk);
+        }
+        Ok(RawResponse {
+            status,
+            retry_after,
+            body: body.freeze(),
+        })
+    }
+}
+
+/// A reqwest error as a [`FetchError`], without the URL (it can carry order numbers
+/// of other systems' choosing, and is noise in every row).
+fn transport_error(e: reqwest::Error) -> FetchError {
+    if e.is_timeout() {
+        return FetchError::Timeout(Duration::ZERO);
+    }
+    let e = e.without_url();
+    let mut msg = e.to_string();
+    let mut src = std::error::Error::source(&e);
+    while let Some(s) = src {
+        msg.push_str(": ");
+        msg.push_str(&s.to_string());
+        src = s.source();
+    }
+    FetchError::Transport(msg)
+}
+
+/// Reads `Retry-After` as delay-seconds or an HTTP date, relative to `now`.
+pub fn parse_retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
+    let v = headers.get(RETRY_AFTER)?.to_str().ok()?.trim();
+    let d = if let Ok(secs) = v.parse::<u64>() {
+        Duration::from_secs(secs)
+    } else {
+        let at = httpdate::parse_http_date(v).ok()?;
+        at.duration_since(now).unwrap_or(Duration::ZERO)
+    };
+    Some(d.min(MAX_RETRY_AFTER))
+}
+
+/// The result of fetching one order with retries.
+#[derive(Debug, Clone)]
+pub struct Polled {
+    pub result: Result<PayDetail, FetchError>,
+    /// HTTP attempts made for this order in this fetch (1 or more).
+    pub attempts: u32,
+}
+
+/// Fetches one order, retrying as [`retry::classify`] decides. A throttling answer
+/// pauses every worker (through the shared limiter), not just this one.
+pub async fn fetch_order(
+    provider: &Provider,
+    limiter: &Limiter,
+    policy: &RetryPolicy,
+    stats: &Stats,
+    order: &OrderRef,
+) -> Polled {
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        let result = provider.fetch_detail(order).await;
+        if let Err(e) = &result {
+            stats.record_failure(e);
+        }
+        match retry::classify(&result, attempts, policy, rand::random::<f64>()) {
+            Action::Done | Action::GiveUp | Action::Abort => return Polled { result, attempts },
+            Action::Retry { after, pause_all } => {
+                Stats::bump(&stats.retries);
+                tracing::debug!(order = %order.order_no, attempt = attempts, delay = ?after, error = %result.as_ref().err().map(ToString::to_string).unwrap_or_default(), "retrying");
+                if pause_all {
+                    limiter.pause_for(after);
+                } else {
+                    tokio::time::sleep(after).await;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use reqwest::header::HeaderValue;
+
+    /// Retry-After as seconds, as an HTTP date (past dates mean now), clamped, or
+    /// unreadable (ignored).
+    #[test]
+    fn retry_after_forms() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let parse = |v: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(RETRY_AFTER, HeaderValue::from_str(v).unwrap());
+            parse_retry_after(&h, now)
+        };
+        assert_eq!(parse("7"), Some(Duration::from_secs(7)));
+        assert_eq!(parse("0"), Some(Duration::ZERO));
+        assert_eq!(parse("99999"), Some(MAX_RETRY_AFTER));
+        let later = httpdate::fmt_http_date(now + Duration::from_secs(30));
+        assert_eq!(parse(&later), Some(Duration::from_secs(30)));
+        let earlier = httpdate::fmt_http_date(now - Duration::from_secs(30));
+        assert_eq!(parse(&earlier), Some(Duration::ZERO));
+        assert_eq!(parse("soon"), None);
+        assert_eq!(parse_retry_after(&HeaderMap::new(), now), None);
+    }
+}

@@ -1,0 +1,212 @@
+//! Payment providers behind one seam: each provider turns an order reference into a
+//! normalized [`PayDetail`] using the shared [`crate::fetch::Transport`], and classifies every
+//! failure into a [`FetchError`] that the retry policy understands.
+//!
+//! - [`PayProvider`]: the trait every provider implements.
+//! - [`Provider`]: enum dispatch over the configured provider (no boxing on the hot path).
+//! - [`OrderRef`]: what a provider needs to look an order up.
+//! - [`FetchError`]: the failure classes shared by all providers.
+//!
+//! Adding a provider: one file here, one arm in [`Provider`] and [`ProviderKind`], one
+//! config variant, and its mock under `crate::mock`.
+
+pub mod genauth;
+pub mod payprotocol;
+
+use std::future::Future;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::model::{OrderNo, PayDetail};
+
+/// Which provider an order belongs to (the `provider` output column).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProviderKind {
+    PayProtocol,
+    GenAuth,
+}
+
+impl ProviderKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProviderKind::PayProtocol => "payprotocol",
+            ProviderKind::GenAuth => "genauth",
+        }
+    }
+
+    pub fn from_name(s: &str) -> Option<Self> {
+        match s {
+            "payprotocol" => Some(ProviderKind::PayProtocol),
+            "genauth" => Some(ProviderKind::GenAuth),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for ProviderKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What a provider needs to look one order up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OrderRef {
+    pub order_no: OrderNo,
+    /// PayProtocol's optional payment order number (`outPaymentNo`).
+    pub payment_no: Option<String>,
+}
+
+/// Why one provider call did not produce a [`PayDetail`]. The variants are classes the
+/// retry policy decides on (`crate::fetch::retry::classify`); messages never contain
+/// secrets.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FetchError {
+    /// No answer within `fetch.timeout`.
+    #[error("request timed out after {0:?}")]
+    Timeout(Duration),
+    /// Connecting, sending, or reading the body failed (reset, refused, DNS).
+    #[error("transport error: {0}")]
+    Transport(String),
+    /// The provider throttled us (HTTP 429, or a 429 code inside the body).
+    #[error("throttled by provider (code {code})")]
+    Throttled {
+        code: u16,
+        retry_after: Option<Duration>,
+    },
+    /// A server-side failure worth retrying (HTTP 5xx or a 5xx code in the body).
+    #[error("server error {status}: {detail}")]
+    Server {
+        status: u16,
+        retry_after: Option<Duration>,
+        detail: String,
+    },
+    /// The body could not be understood (not JSON, truncated, wrong shape).
+    #[error("malformed response (HTTP {status}): {detail}")]
+    Malformed { status: u16, detail: String },
+    /// The body exceeded the configured cap and was not read further.
+    #[error("response body larger than {limit} bytes")]
+    TooLarge { limit: usize },
+    /// Credentials were rejected: the run stops, retrying would only burn quota.
+    #[error("authentication rejected by provider: {0}")]
+    Auth(String),
+    /// The provider does not know the order.
+    #[error("order not found")]
+    NotFound,
+    /// The provider refused the request for a reason retrying will not fix
+    /// (a 4xx, or a business error code inside a 200 body).
+    #[error("provider refused the request: {0}")]
+    Rejected(String),
+}
+
+/// The provider seam. Implementations send every HTTP request through the
+/// [`crate::fetch::Transport`] they were built with, so rate limiting, pausing, timeouts and body
+/// caps apply to all calls (token and currency-list calls included).
+pub trait PayProvider {
+    /// Which provider this is.
+    fn kind(&self) -> ProviderKind;
+
+    /// One-time work before details are fetched (PayProtocol: the currency table).
+    fn prepare(&self) -> impl Future<Output = Result<(), FetchError>> + Send;
+
+    /// One attempt to fetch one order's pay detail. Retrying is the caller's job;
+    /// a provider only retries internally where its protocol requires it (GenAuth
+    /// refreshes an expired token once on a 401).
+    fn fetch_detail(
+        &self,
+        order: &OrderRef,
+    ) -> impl Future<Output = Result<PayDetail, FetchError>> + Send;
+}
+
+/// The configured provider.
+pub enum Provider {
+    PayProtocol(payprotocol::PayProtocol),
+    GenAuth(genauth::GenAuth),
+}
+
+impl PayProvider for Provider {
+    fn kind(&self) -> ProviderKind {
+        match self {
+            Provider::PayProtocol(p) => p.kind(),
+            Provider::GenAuth(p) => p.kind(),
+        }
+    }
+
+    async fn prepare(&self) -> Result<(), FetchError> {
+        match self {
+            Provider::PayProtocol(p) => p.prepare().await,
+            Provider::GenAuth(p) => p.prepare().await,
+        }
+    }
+
+    async fn fetch_detail(&self, order: &OrderRef) -> Result<PayDetail, FetchError> {
+        match self {
+            Provider::PayProtocol(p) => p.fetch_detail(order).await,
+            Provider::GenAuth(p) => p.fetch_detail(order).await,
+        }
+    }
+}
+
+/// Parses a provider time: naive `"YYYY-MM-DD HH:MM:SS[.fff]"` in the given zone,
+/// or an RFC 3339 / ISO 8601 time with its own offset. Returns `None` for empty input.
+pub fn parse_provider_time(
+    raw: &str,
+    naive_zone: chrono::FixedOffset,
+) -> Result<Option<chrono::DateTime<chrono::Utc>>, String> {
+    use chrono::{DateTime, NaiveDateTime, TimeZone};
+    let s = raw.trim();
+    if s.is_empty() {
+        return Ok(None);
+    }
+    if let Ok(t) = DateTime::parse_from_rfc3339(s) {
+        return Ok(Some(t.to_utc()));
+    }
+    for fmt in ["%Y-%m-%d %H:%M:%S%.f", "%Y-%m-%dT%H:%M:%S%.f"] {
+        if let Ok(n) = NaiveDateTime::parse_from_str(s, fmt) {
+            return naive_zone
+                .from_local_datetime(&n)
+                .single()
+                .map(|t| Some(t.to_utc()))
+                .ok_or_else(|| format!("time {s:?} does not exist in zone {naive_zone}"));
+        }
+    }
+    Err(format!("unrecognized time {s:?}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::rfc3339;
+    use chrono::FixedOffset;
+
+    /// Naive provider times are read in the configured zone (UTC+8 by default) and
+    /// written as UTC; explicit offsets and milliseconds are kept.
+    #[test]
+    fn provider_times_to_utc() {
+        let cst = FixedOffset::east_opt(8 * 3600).unwrap();
+        let t = |s| parse_provider_time(s, cst).unwrap().map(rfc3339);
+        assert_eq!(t("2024-04-03 13:40:06").as_deref(), Some("2024-04-03T05:40:06Z"));
+        assert_eq!(t("2024-01-01 03:00:00").as_deref(), Some("2023-12-31T19:00:00Z"));
+        assert_eq!(
+            t("2024-07-29T15:51:28.071Z").as_deref(),
+            Some("2024-07-29T15:51:28.071Z")
+        );
+        assert_eq!(
+            t("2024-04-03 13:40:06.500").as_deref(),
+            Some("2024-04-03T05:40:06.500Z")
+        );
+        assert_eq!(
+            t("2024-04-03T13:40:06+08:00").as_deref(),
+            Some("2024-04-03T05:40:06Z")
+        );
+        assert_eq!(t("  ").as_deref(), None);
+        assert!(parse_provider_time("yesterday", cst).is_err());
+        let utc = FixedOffset::east_opt(0).unwrap();
+        assert_eq!(
+            parse_provider_time("2024-04-03 13:40:06", utc).unwrap().map(rfc3339).as_deref(),
+            Some("2024-04-03T13:40:06Z")
+        );
+    }
+}

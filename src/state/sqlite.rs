@@ -1,0 +1,2 @@
+//! (module being written)
+pub struct SqliteStore;
