@@ -17,10 +17,12 @@
 //! - [`output`]: JSONL/CSV writers, manifests, atomic commit.
 //! - [`pipeline`]: `paysync run`: ingest, poll, export.
 //! - [`mock`]: the bundled mock payment server (tests, demo, benchmarks).
+//! - [`demo`]: `paysync demo`, the mock server plus a real run.
 //! - [`telemetry`]: logging setup.
 
 pub mod cli;
 pub mod config;
+pub mod demo;
 pub mod fetch;
 pub mod input;
 pub mod mock;

@@ -1,3 +1,259 @@
-fn main() {
-    println!("Hello, world!");
+//! The paysync binary: parses arguments, sets up logging, runs a command from the
+//! library, and maps the outcome to the documented exit codes.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
+
+use anyhow::Context;
+use clap::Parser;
+use paysync::cli::{Cli, Command, RunArgs, StatusArgs};
+use paysync::config::Settings;
+use paysync::pipeline::{self, RunError, RunOptions, RunReport};
+use paysync::state::{SqliteStore, StateStore};
+use paysync::{demo, mock, telemetry};
+
+/// Exit code of a usage or config error.
+const EXIT_USAGE: u8 = 2;
+
+/// The signal that asked us to stop: its exit code (130 SIGINT, 143 SIGTERM), 0 if none.
+static SIGNALLED: AtomicU8 = AtomicU8::new(0);
+
+/// Resolves on the first SIGINT or SIGTERM; a second one exits at once (state is
+/// safe: every state write is a transaction, output files are renamed into place).
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut int), Ok(mut term)) = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) else {
+        tracing::warn!("cannot install signal handlers; stop with SIGKILL");
+        return std::future::pending().await;
+    };
+    let code = tokio::select! {
+        _ = int.recv() => 130,
+        _ = term.recv() => 143,
+    };
+    SIGNALLED.store(code, Ordering::SeqCst);
+    tracing::info!(
+        signal = if code == 130 { "SIGINT" } else { "SIGTERM" },
+        "shutting down; a second signal exits at once"
+    );
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = int.recv() => {},
+            _ = term.recv() => {},
+        }
+        eprintln!("paysync: second signal, exiting now");
+        std::process::exit(i32::from(code));
+    });
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    telemetry::init(cli.log_format, cli.log_level.as_deref());
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("paysync: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let code = runtime.block_on(dispatch(cli.command));
+    ExitCode::from(code)
+}
+
+/// Prints an error with its causes, the way every command reports failure.
+fn report_error(e: &anyhow::Error) {
+    eprintln!("paysync: error: {e:#}");
+}
+
+async fn dispatch(command: Command) -> u8 {
+    match command {
+        Command::Run(args) => match run(args).await {
+            Ok(report) => {
+                println!("{report}");
+                run_exit_code(&report)
+            }
+            Err(e) => {
+                let code = e.exit_code();
+                report_error(&anyhow::Error::new(e));
+                code
+            }
+        },
+        Command::Validate(args) => match validate(&args.config) {
+            Ok(msg) => {
+                println!("{msg}");
+                0
+            }
+            Err(e) => {
+                report_error(&e);
+                EXIT_USAGE
+            }
+        },
+        Command::Status(args) => match status(args).await {
+            Ok(()) => 0,
+            Err(e) => {
+                report_error(&e);
+                if e.downcast_ref::<paysync::config::ConfigError>().is_some() {
+                    EXIT_USAGE
+                } else {
+                    4
+                }
+            }
+        },
+        Command::MockServer(args) => {
+            let opts = args.options();
+            match mock::serve_until(args.listen, opts, shutdown_signal()).await {
+                Ok(()) => 0,
+                Err(e) => {
+                    report_error(
+                        &anyhow::Error::new(e).context(format!("cannot serve on {}", args.listen)),
+                    );
+                    1
+                }
+            }
+        }
+        Command::Demo(args) => {
+            match demo::run_demo(args.provider, args.orders, &args.dir, shutdown_signal()).await {
+                Ok(out) => {
+                    println!("{}", out.report);
+                    println!(
+                        "demo: mock {} server was at {}",
+                        args.provider, out.mock_url
+                    );
+                    println!(
+                        "demo: input {} (config {})",
+                        out.input.display(),
+                        out.config.display()
+                    );
+                    if let Some((_, m)) = &out.report.manifest {
+                        println!(
+                            "demo: look at the rows with: head -n 3 {}",
+                            args.dir.join("out").join(&m.data_file).display()
+                        );
+                    }
+                    run_exit_code(&out.report)
+                }
+                Err(demo::DemoError::Run(e)) => {
+                    let code = e.exit_code();
+                    report_error(&anyhow::Error::new(e));
+                    code
+                }
+                Err(e) => {
+                    report_error(&anyhow::Error::new(e));
+                    1
+                }
+            }
+        }
+    }
+}
+
+/// Exit code of a finished run: 3 auth, 130/143 interrupted, 1 errors, else 0.
+fn run_exit_code(report: &RunReport) -> u8 {
+    if report.auth_error.is_some() {
+        3
+    } else if report.interrupted {
+        match SIGNALLED.load(Ordering::SeqCst) {
+            0 => 130,
+            c => c,
+        }
+    } else if report.errors() > 0 {
+        1
+    } else {
+        0
+    }
+}
+
+async fn run(args: RunArgs) -> Result<RunReport, RunError> {
+    let mut settings = Settings::load(&args.config.config)?;
+    if let Some(dir) = args.output {
+        settings.output.dir = dir;
+    }
+    if let Some(f) = args.format {
+        settings.output.format = f;
+    }
+    let inputs = if args.input.is_empty() {
+        settings.input.files.clone()
+    } else {
+        args.input
+    };
+    if inputs.is_empty() {
+        return Err(RunError::Setup(format!(
+            "no input: pass --input PATH or set input.files in {}",
+            args.config.config.display()
+        )));
+    }
+    let wait = args.max_wait.unwrap_or(settings.settle.wait);
+    let opts = RunOptions {
+        inputs,
+        wait,
+        progress: !args.no_progress,
+    };
+    pipeline::run(Arc::new(settings), opts, shutdown_signal()).await
+}
+
+fn validate(config: &std::path::Path) -> anyhow::Result<String> {
+    let settings = Settings::load(config)?;
+    settings.provider_settings()?;
+    Ok(format!(
+        "{}: OK (provider {}, state {}, output {} as {})",
+        config.display(),
+        settings.provider.kind(),
+        settings.state.path.display(),
+        settings.output.dir.display(),
+        settings.output.format.as_str(),
+    ))
+}
+
+async fn status(args: StatusArgs) -> anyhow::Result<()> {
+    let settings = Settings::load(&args.config.config)?;
+    let path = settings.state.path.clone();
+    let report = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+        let store = SqliteStore::open(&path)
+            .with_context(|| format!("cannot read state {}", path.display()))?;
+        Ok(store.status_report(10)?)
+    })
+    .await??;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    println!("orders by status:");
+    if report.by_status.is_empty() {
+        println!("  (none)");
+    }
+    for c in &report.by_status {
+        println!("  {:<15} {:<9} {:>10}", c.status, c.tracking, c.orders);
+    }
+    match &report.oldest_unsettled {
+        Some(o) => println!(
+            "oldest unsettled: {} ({}), first seen {}, next poll {}",
+            o.order_no,
+            o.status,
+            paysync::model::rfc3339(o.first_seen_at),
+            o.next_poll_at
+                .map(paysync::model::rfc3339)
+                .unwrap_or_else(|| "-".into())
+        ),
+        None => println!("oldest unsettled: none"),
+    }
+    println!("rows not yet exported: {}", report.unexported_rows);
+    println!("last runs:");
+    for r in &report.last_runs {
+        println!(
+            "  {} {:<7} started {} finished {}  {}",
+            r.run_id,
+            r.command,
+            paysync::model::rfc3339(r.started_at),
+            r.finished_at
+                .map(paysync::model::rfc3339)
+                .unwrap_or_else(|| "-".into()),
+            r.summary
+        );
+    }
+    Ok(())
 }

@@ -1,1 +1,914 @@
-//! (module being written)
+//! `paysync run`: ingest input files into the state store, poll due orders
+//! concurrently under the limiter until they settle or the wait ends, and export the
+//! staged observation rows as one committed file with its manifest.
+//!
+//! - [`Engine`]: the parts a run or the daemon shares (store, provider, limiter,
+//!   schedule, clock) and the three steps: [`Engine::ingest`], [`Engine::poll`],
+//!   [`Engine::export`].
+//! - [`run`]: the one-off backfill built from those steps.
+//! - [`RunReport`]: what happened, for the summary and the exit code.
+//!
+//! Exactly-once export protocol (see README): rows are staged in the state store
+//! with a batch id; the data file is written to a temp name, fsynced, renamed and
+//! the directory fsynced; then the manifest the same way; then the batch is marked
+//! committed. At start, a batch left staged is finished (its manifest verifies) or
+//! rewritten from the state store under the same name.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use tokio::sync::{Notify, Semaphore, mpsc, watch};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{ConfigError, ProviderSettings, Settings};
+use crate::fetch::{self, Limiter, Stats, Transport};
+use crate::input::{self, InputError, InputSpec, RejectsWriter};
+use crate::model::{PayStatus, Tracking};
+use crate::output::{self, Format, Manifest, ManifestExtra, OutputError};
+use crate::provider::{
+    FetchError, OrderRef, PayProvider, Provider, ProviderKind, genauth::GenAuth,
+    payprotocol::PayProtocol,
+};
+use crate::state::{
+    Admission, Batch, DueOrder, NewOrder, PollOutcome, PollRecord, SqliteStore, StateError,
+    StateStore,
+};
+use crate::tracker::{self, Schedule};
+
+/// Orders registered per state transaction while ingesting.
+const INGEST_BATCH: usize = 1000;
+/// Poll results recorded per state transaction at most.
+const RECORD_BATCH: usize = 512;
+/// How long a claimed order is leased before another claimer may take it.
+const LEASE: Duration = Duration::from_secs(600);
+/// After shutdown is requested, in-flight requests get this long to finish.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// Why a run could not do its job.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Input(#[from] InputError),
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error(transparent)]
+    Output(#[from] OutputError),
+    #[error("authentication rejected by the provider: {0}")]
+    Auth(String),
+    #[error("cannot set up the provider client: {0}")]
+    Setup(String),
+    #[error("internal task failed: {0}")]
+    Task(String),
+}
+
+impl RunError {
+    /// The documented exit code for this failure.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            RunError::Config(_) | RunError::Input(_) | RunError::Setup(_) => 2,
+            RunError::Auth(_) => 3,
+            RunError::State(_) | RunError::Output(_) | RunError::Task(_) => 4,
+        }
+    }
+}
+
+fn task_error(e: tokio::task::JoinError) -> RunError {
+    RunError::Task(e.to_string())
+}
+
+/// Wall-clock time derived from tokio's clock, so that paused-time tests move both
+/// together and a run never sees time go backwards.
+#[derive(Debug, Clone, Copy)]
+pub struct Clock {
+    wall: DateTime<Utc>,
+    mono: Instant,
+}
+
+impl Clock {
+    pub fn start() -> Self {
+        Self {
+            wall: Utc::now(),
+            mono: Instant::now(),
+        }
+    }
+
+    pub fn now(&self) -> DateTime<Utc> {
+        self.wall + chrono::TimeDelta::from_std(self.mono.elapsed()).unwrap_or_default()
+    }
+
+    /// The tokio instant at which wall time `t` is reached.
+    pub fn instant_at(&self, t: DateTime<Utc>) -> Instant {
+        let ahead = (t - self.now()).to_std().unwrap_or(Duration::ZERO);
+        Instant::now() + ahead
+    }
+}
+
+/// Options of one `paysync run`, after flags were applied over the config.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    pub inputs: Vec<PathBuf>,
+    /// How long to keep polling unsettled orders after the input was fetched.
+    pub wait: Duration,
+    /// Show a progress bar (only drawn when stderr is a terminal).
+    pub progress: bool,
+}
+
+/// Counts from registering input.
+#[derive(Debug, Default, Clone)]
+pub struct IngestSummary {
+    pub rows: u64,
+    pub new: u64,
+    pub duplicates: u64,
+    pub known: u64,
+    pub rejected: u64,
+}
+
+/// What a run did.
+#[derive(Debug, Clone)]
+pub struct RunReport {
+    pub run_id: String,
+    pub ingest: IngestSummary,
+    /// Orders polled in this run, by their status at the end.
+    pub statuses: BTreeMap<PayStatus, u64>,
+    /// Orders still tracked (polling) after the run, all runs included.
+    pub still_tracking: u64,
+    pub requests: u64,
+    pub retries: u64,
+    pub throttled: u64,
+    pub elapsed: Duration,
+    pub manifest: Option<(PathBuf, Manifest)>,
+    pub rejects: Option<PathBuf>,
+    /// Shutdown was requested before the run finished.
+    pub interrupted: bool,
+    /// The provider rejected the credentials (the run stopped early).
+    pub auth_error: Option<String>,
+}
+
+impl RunReport {
+    /// Orders that ended the run in `error`.
+    pub fn errors(&self) -> u64 {
+        self.statuses.get(&PayStatus::Error).copied().unwrap_or(0)
+    }
+}
+
+impl fmt::Display for RunReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "paysync run {}", self.run_id)?;
+        let i = &self.ingest;
+        writeln!(
+            f,
+            "  input:     {} rows, {} new orders, {} already known, {} duplicates, {} rejected",
+            i.rows, i.new, i.known, i.duplicates, i.rejected
+        )?;
+        let polled: u64 = self.statuses.values().sum();
+        let by: Vec<String> = self
+            .statuses
+            .iter()
+            .map(|(s, n)| format!("{s} {n}"))
+            .collect();
+        writeln!(
+            f,
+            "  polled:    {polled} orders ({})",
+            if by.is_empty() {
+                "none".into()
+            } else {
+                by.join(", ")
+            }
+        )?;
+        writeln!(
+            f,
+            "  tracking:  {} orders still unsettled",
+            self.still_tracking
+        )?;
+        writeln!(
+            f,
+            "  requests:  {} ({} retries, {} throttled)",
+            self.requests, self.retries, self.throttled
+        )?;
+        writeln!(f, "  elapsed:   {:.1?}", self.elapsed)?;
+        match &self.manifest {
+            Some((path, m)) => {
+                writeln!(f, "  output:    {} ({} rows)", m.data_file, m.rows)?;
+                writeln!(f, "  manifest:  {}", path.display())?;
+            }
+            None => writeln!(f, "  output:    no new rows")?,
+        }
+        if let Some(r) = &self.rejects {
+            writeln!(f, "  rejects:   {}", r.display())?;
+        }
+        if self.interrupted {
+            writeln!(f, "  interrupted: state saved; run again to continue")?;
+        }
+        if let Some(e) = &self.auth_error {
+            writeln!(f, "  stopped:   authentication rejected ({e})")?;
+        }
+        Ok(())
+    }
+}
+
+/// A new run id: UTC time plus a random suffix, sortable and unique across hosts.
+pub fn new_run_id(now: DateTime<Utc>) -> String {
+    format!(
+        "{}-{:04x}",
+        now.format("%Y%m%dT%H%M%SZ"),
+        rand::random::<u16>()
+    )
+}
+
+/// Builds the configured provider over a transport (secrets resolved here).
+pub fn build_provider(settings: &Settings, transport: Transport) -> Result<Provider, RunError> {
+    Ok(match settings.provider_settings()? {
+        ProviderSettings::PayProtocol(p) => {
+            Provider::PayProtocol(PayProtocol::new(p, transport).map_err(RunError::Setup)?)
+        }
+        ProviderSettings::GenAuth(g) => Provider::GenAuth(GenAuth::new(g, transport)),
+    })
+}
+
+/// The parts shared by `run` and the daemon.
+pub struct Engine {
+    pub settings: Arc<Settings>,
+    pub store: Arc<dyn StateStore>,
+    pub provider: Arc<Provider>,
+    pub limiter: Arc<Limiter>,
+    pub stats: Arc<Stats>,
+    pub schedule: Schedule,
+    pub clock: Clock,
+    pub kind: ProviderKind,
+}
+
+impl Engine {
+    /// Opens the state store (taking its lock), finishes any export a crash left
+    /// half done, and builds the provider client.
+    pub async fn open(settings: Arc<Settings>) -> Result<Engine, RunError> {
+        let path = settings.state.path.clone();
+        let store: Arc<dyn StateStore> = Arc::new(
+            tokio::task::spawn_blocking(move || SqliteStore::open(&path))
+                .await
+                .map_err(task_error)??,
+        );
+        let limiter = Arc::new(Limiter::new(
+            settings.fetch.rate_limit,
+            settings.fetch.burst,
+        ));
+        let stats = Arc::new(Stats::default());
+        let transport = Transport::new(
+            limiter.clone(),
+            settings.fetch.timeout,
+            settings.fetch.max_body,
+            stats.clone(),
+        )
+        .map_err(|e| RunError::Setup(e.to_string()))?;
+        let provider = build_provider(&settings, transport)?;
+        let s = &settings.settle;
+        let schedule = Schedule {
+            poll_interval: s.poll_interval,
+            backoff_factor: s.backoff_factor,
+            max_poll_interval: s.max_poll_interval,
+            confirming_interval: s.confirming_interval,
+            max_wait: s.max_wait,
+            unsettled: s.unsettled.clone(),
+        };
+        let engine = Engine {
+            kind: provider.kind(),
+            settings,
+            store,
+            provider: Arc::new(provider),
+            limiter,
+            stats,
+            schedule,
+            clock: Clock::start(),
+        };
+        engine.recover().await?;
+        Ok(engine)
+    }
+
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&dyn StateStore) -> Result<T, StateError> + Send + 'static,
+    ) -> Result<T, RunError> {
+        let store = self.store.clone();
+        Ok(tokio::task::spawn_blocking(move || f(store.as_ref()))
+            .await
+            .map_err(task_error)??)
+    }
+
+    /// Finishes exports a crash interrupted: a batch whose manifest verifies is
+    /// marked committed; any other is rewritten under the same name.
+    async fn recover(&self) -> Result<(), RunError> {
+        let open = self.blocking(|s| s.open_batches()).await?;
+        for batch in open {
+            tracing::warn!(batch = %batch.name, rows = batch.rows, "finishing an export interrupted by a crash");
+            self.export_batch(batch, "recovered".into()).await?;
+        }
+        Ok(())
+    }
+
+    /// Calls the provider's one-time setup (currency list, first token).
+    pub async fn prepare(&self) -> Result<(), RunError> {
+        match self.provider.prepare().await {
+            Ok(()) => Ok(()),
+            Err(FetchError::Auth(m)) => Err(RunError::Auth(m)),
+            Err(e) => {
+                tracing::warn!(error = %e, "provider setup failed; continuing");
+                Ok(())
+            }
+        }
+    }
+
+    /// Reads input files and registers their orders (blocking; run it on a blocking
+    /// thread). `notify` is woken after each batch so polling can start at once.
+    pub fn ingest_files(
+        &self,
+        run_id: &str,
+        specs: &[InputSpec],
+        rejects: &mut RejectsWriter,
+        notify: &Notify,
+        admitted: &AtomicU64,
+        stop: &CancellationToken,
+    ) -> Result<IngestSummary, RunError> {
+        let mut sum = IngestSummary::default();
+        let mut batch: Vec<NewOrder> = Vec::with_capacity(INGEST_BATCH);
+        for spec in specs {
+            if stop.is_cancelled() {
+                break;
+            }
+            if input::is_empty_file(&spec.path).unwrap_or(false) {
+                tracing::warn!(file = %spec.path.display(), "input file is empty");
+            }
+            for rec in input::open(spec)? {
+                let rec = rec?;
+                sum.rows += 1;
+                match rec.parsed {
+                    Err(reason) => {
+                        sum.rejected += 1;
+                        rejects
+                            .write(&rec.source, rec.line, &reason.to_string(), &rec.raw)
+                            .map_err(|e| OutputError::Write {
+                                path: rejects.path().to_path_buf(),
+                                source: e,
+                            })?;
+                    }
+                    Ok((order_no, payment_no)) => {
+                        batch.push(NewOrder {
+                            provider: self.kind,
+                            order_no,
+                            payment_no,
+                            input: rec.columns,
+                            source: rec.source.to_string(),
+                            line: rec.line,
+                        });
+                        if batch.len() >= INGEST_BATCH {
+                            self.add_batch(
+                                run_id, &mut batch, &mut sum, rejects, notify, admitted,
+                            )?;
+                            if stop.is_cancelled() {
+                                return Ok(sum);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        self.add_batch(run_id, &mut batch, &mut sum, rejects, notify, admitted)?;
+        Ok(sum)
+    }
+
+    fn add_batch(
+        &self,
+        run_id: &str,
+        batch: &mut Vec<NewOrder>,
+        sum: &mut IngestSummary,
+        rejects: &mut RejectsWriter,
+        notify: &Notify,
+        admitted: &AtomicU64,
+    ) -> Result<(), RunError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let admissions = self
+            .store
+            .add_orders(run_id, batch, self.clock.now(), None)?;
+        for (order, adm) in batch.iter().zip(admissions) {
+            match adm {
+                Admission::New => sum.new += 1,
+                Admission::Known => sum.known += 1,
+                Admission::Duplicate { source, line } => {
+                    sum.duplicates += 1;
+                    let reason = format!(
+                        "duplicate order number {} (first at {source} line {line})",
+                        order.order_no
+                    );
+                    rejects
+                        .write(&order.source, order.line, &reason, order.order_no.as_str())
+                        .map_err(|e| OutputError::Write {
+                            path: rejects.path().to_path_buf(),
+                            source: e,
+                        })?;
+                }
+            }
+        }
+        admitted.store(sum.new, Ordering::Relaxed);
+        batch.clear();
+        notify.notify_one();
+        Ok(())
+    }
+
+    /// Polls due orders until nothing is due before `until` says stop, or `stop` is
+    /// cancelled. Returns the authentication error message if the provider
+    /// rejected our credentials (polling then stops early).
+    pub async fn poll(
+        self: &Arc<Self>,
+        run_id: &str,
+        until: PollUntil,
+        mut ingest_done: watch::Receiver<bool>,
+        new_work: Arc<Notify>,
+        stop: CancellationToken,
+        progress: Option<indicatif::ProgressBar>,
+    ) -> Result<Option<String>, RunError> {
+        let concurrency = self.settings.fetch.concurrency;
+        let sem = Arc::new(Semaphore::new(concurrency));
+        let inflight = Arc::new(AtomicUsize::new(0));
+        let recorded = Arc::new(Notify::new());
+        let auth_error: Arc<std::sync::Mutex<Option<String>>> = Default::default();
+        let abort = stop.child_token();
+        let (tx, rx) = mpsc::channel::<PollRecord>(concurrency.max(RECORD_BATCH));
+        let recorder = tokio::spawn(record_loop(
+            self.store.clone(),
+            run_id.to_owned(),
+            rx,
+            inflight.clone(),
+            recorded.clone(),
+            progress,
+        ));
+        let mut wait_until: Option<Instant> = None;
+        let mut tasks = tokio::task::JoinSet::new();
+        let result: Result<(), RunError> = async {
+            loop {
+                if abort.is_cancelled() {
+                    break;
+                }
+                while tasks.try_join_next().is_some() {}
+                let free = sem.available_permits();
+                if free == 0 {
+                    tokio::select! {
+                        _ = recorded.notified() => {}
+                        _ = abort.cancelled() => {}
+                    }
+                    continue;
+                }
+                let now = self.clock.now();
+                let kind = self.kind;
+                let claimed = self
+                    .blocking(move |s| s.claim_due(kind, now, free, LEASE))
+                    .await?;
+                if !claimed.is_empty() {
+                    for due in claimed {
+                        let permit = sem.clone().acquire_owned().await.expect("semaphore open");
+                        inflight.fetch_add(1, Ordering::SeqCst);
+                        let engine = self.clone();
+                        let tx = tx.clone();
+                        let auth_error = auth_error.clone();
+                        let abort = abort.clone();
+                        let inflight = inflight.clone();
+                        tasks.spawn(async move {
+                            let rec = engine.poll_one(due).await;
+                            drop(permit);
+                            match rec {
+                                Ok(rec) => {
+                                    if tx.send(rec).await.is_err() {
+                                        inflight.fetch_sub(1, Ordering::SeqCst);
+                                    }
+                                }
+                                Err(msg) => {
+                                    inflight.fetch_sub(1, Ordering::SeqCst);
+                                    let mut g =
+                                        auth_error.lock().unwrap_or_else(|e| e.into_inner());
+                                    g.get_or_insert(msg);
+                                    abort.cancel();
+                                }
+                            }
+                        });
+                    }
+                    continue;
+                }
+                if !*ingest_done.borrow() || inflight.load(Ordering::SeqCst) > 0 {
+                    tokio::select! {
+                        _ = new_work.notified() => {}
+                        _ = recorded.notified() => {}
+                        _ = ingest_done.changed() => {}
+                        _ = abort.cancelled() => {}
+                    }
+                    continue;
+                }
+                // Idle: input read, nothing in flight, nothing due now.
+                let kind = self.kind;
+                let Some(next) = self.blocking(move |s| s.next_due_at(kind)).await? else {
+                    break;
+                };
+                let at = self.clock.instant_at(next);
+                let limit = match until {
+                    PollUntil::Forever => None,
+                    PollUntil::IdleFor(wait) => {
+                        Some(*wait_until.get_or_insert_with(|| Instant::now() + wait))
+                    }
+                };
+                if limit.is_some_and(|l| at > l) {
+                    break;
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep_until(at) => {}
+                    _ = new_work.notified() => {}
+                    _ = abort.cancelled() => {}
+                }
+            }
+            Ok(())
+        }
+        .await;
+        // Let in-flight polls finish (bounded), then flush the recorder.
+        let drain = async { while tasks.join_next().await.is_some() {} };
+        if tokio::time::timeout(SHUTDOWN_GRACE, drain).await.is_err() {
+            tracing::warn!("in-flight requests did not finish in time; their orders stay due");
+            tasks.abort_all();
+        }
+        drop(tx);
+        recorder.await.map_err(task_error)??;
+        result?;
+        let auth = auth_error.lock().unwrap_or_else(|e| e.into_inner()).take();
+        Ok(auth)
+    }
+
+    /// Polls one order: fetch with retries, then the tracker's decision. `Err` carries
+    /// an authentication failure (the run stops).
+    async fn poll_one(&self, due: DueOrder) -> Result<PollRecord, String> {
+        let order = OrderRef {
+            order_no: due.order_no.clone(),
+            payment_no: due.payment_no.clone(),
+        };
+        let polled = fetch::fetch_order(
+            &self.provider,
+            &self.limiter,
+            &self.settings.fetch.retry,
+            &self.stats,
+            &order,
+        )
+        .await;
+        let outcome = match polled.result {
+            Ok(detail) => PollOutcome::Detail(detail),
+            Err(FetchError::NotFound) => PollOutcome::Failed {
+                status: PayStatus::NotFound,
+                reason: FetchError::NotFound.to_string(),
+            },
+            Err(FetchError::Auth(m)) => return Err(m),
+            Err(e) => {
+                tracing::warn!(order = %due.order_no, attempts = polled.attempts, error = %e, "order fetch failed");
+                PollOutcome::Failed {
+                    status: PayStatus::Error,
+                    reason: format!("{e} (after {} attempts)", polled.attempts),
+                }
+            }
+        };
+        let now = self.clock.now();
+        let (tracking, next_poll_at) = tracker::decide(
+            &self.schedule,
+            outcome.status(),
+            due.first_seen_at,
+            now,
+            due.polls + 1,
+        );
+        if tracking == Tracking::Deadline {
+            tracing::info!(order = %due.order_no, status = %outcome.status(), "deadline passed unsettled; tracking stops");
+        }
+        Ok(PollRecord {
+            provider: self.kind,
+            order_no: due.order_no,
+            observed_at: now,
+            attempts: polled.attempts,
+            outcome,
+            tracking,
+            next_poll_at,
+        })
+    }
+
+    /// Stages every unexported row under `name` and commits it as a file with its
+    /// manifest. `None` when there was nothing to export.
+    pub async fn export(
+        &self,
+        name: String,
+        run_id: &str,
+    ) -> Result<Option<(PathBuf, Manifest)>, RunError> {
+        let now = self.clock.now();
+        let Some(batch) = self.blocking(move |s| s.stage_batch(&name, now)).await? else {
+            return Ok(None);
+        };
+        self.export_batch(batch, run_id.to_owned()).await.map(Some)
+    }
+
+    /// Writes (or verifies) one staged batch and marks it committed.
+    async fn export_batch(
+        &self,
+        batch: Batch,
+        run_id: String,
+    ) -> Result<(PathBuf, Manifest), RunError> {
+        let store = self.store.clone();
+        let dir = self.settings.output.dir.clone();
+        let format = self.settings.output.format;
+        let provider = self.kind.as_str().to_owned();
+        let now = self.clock.now();
+        tokio::task::spawn_blocking(move || {
+            write_batch(store.as_ref(), &dir, format, &batch, run_id, provider, now)
+        })
+        .await
+        .map_err(task_error)?
+    }
+}
+
+/// The blocking half of an export: verify-or-rewrite, then mark committed.
+fn write_batch(
+    store: &dyn StateStore,
+    dir: &Path,
+    format: Format,
+    batch: &Batch,
+    run_id: String,
+    provider: String,
+    now: DateTime<Utc>,
+) -> Result<(PathBuf, Manifest), RunError> {
+    std::fs::create_dir_all(dir).map_err(|e| OutputError::Create {
+        path: dir.to_owned(),
+        source: e,
+    })?;
+    if output::verify(dir, &batch.name)? {
+        if let Some(m) = output::read_manifest(dir, &batch.name)? {
+            store.commit_batch(batch.id, now)?;
+            return Ok((output::manifest_path(dir, &batch.name), m));
+        }
+    }
+    for f in [Format::Jsonl, Format::Csv] {
+        output::remove_uncommitted(dir, &batch.name, f)?;
+    }
+    let mut columns: Vec<String> = Vec::new();
+    if format == Format::Csv {
+        let mut seen = std::collections::HashSet::new();
+        store.visit_batch(batch.id, &mut |row| {
+            for (k, _) in &row.input {
+                if !seen.contains(k) {
+                    seen.insert(k.clone());
+                    columns.push(k.clone());
+                }
+            }
+            Ok(())
+        })?;
+    }
+    let mut writer =
+        output::FileWriter::create(dir, &batch.name, format, columns, batch.created_at)?;
+    let mut write_err: Option<OutputError> = None;
+    store.visit_batch(batch.id, &mut |row| {
+        if write_err.is_none()
+            && let Err(e) = writer.write(&row)
+        {
+            write_err = Some(e);
+        }
+        Ok(())
+    })?;
+    if let Some(e) = write_err {
+        return Err(e.into());
+    }
+    let manifest = writer.commit(ManifestExtra { run_id, provider })?;
+    store.commit_batch(batch.id, now)?;
+    Ok((output::manifest_path(dir, &batch.name), manifest))
+}
+
+/// When polling ends.
+#[derive(Debug, Clone, Copy)]
+pub enum PollUntil {
+    /// Once nothing is due within this long of becoming idle (the run's wait).
+    IdleFor(Duration),
+    /// Only when stopped (daemon).
+    Forever,
+}
+
+/// Collects poll records into batched state transactions.
+async fn record_loop(
+    store: Arc<dyn StateStore>,
+    run_id: String,
+    mut rx: mpsc::Receiver<PollRecord>,
+    inflight: Arc<AtomicUsize>,
+    recorded: Arc<Notify>,
+    progress: Option<indicatif::ProgressBar>,
+) -> Result<(), RunError> {
+    let mut buf = Vec::with_capacity(RECORD_BATCH);
+    while rx.recv_many(&mut buf, RECORD_BATCH).await > 0 {
+        let n = buf.len();
+        let store2 = store.clone();
+        let run = run_id.clone();
+        let batch = std::mem::take(&mut buf);
+        let back =
+            tokio::task::spawn_blocking(move || store2.record_polls(&run, &batch).map(|()| batch))
+                .await
+                .map_err(task_error)??;
+        buf = back;
+        buf.clear();
+        inflight.fetch_sub(n, Ordering::SeqCst);
+        if let Some(p) = &progress {
+            p.inc(n as u64);
+        }
+        recorded.notify_one();
+    }
+    Ok(())
+}
+
+/// Input specs for paths, with the config's column settings.
+pub fn input_specs(settings: &Settings, paths: &[PathBuf]) -> Vec<InputSpec> {
+    paths
+        .iter()
+        .map(|p| InputSpec {
+            path: p.clone(),
+            column: settings.input.column.clone(),
+            payment_no_column: settings.input.payment_no_column.clone(),
+        })
+        .collect()
+}
+
+/// `paysync run`: ingest, poll until settled or the wait ends, export.
+/// `shutdown` resolving stops the run cleanly (state saved, ready rows committed).
+pub async fn run(
+    settings: Arc<Settings>,
+    opts: RunOptions,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<RunReport, RunError> {
+    let started = Instant::now();
+    let specs = input_specs(&settings, &opts.inputs);
+    // Check every input before any request: a missing file or column is a usage error.
+    {
+        let specs = specs.clone();
+        tokio::task::spawn_blocking(move || -> Result<(), InputError> {
+            for s in &specs {
+                drop(input::open(s)?);
+            }
+            Ok(())
+        })
+        .await
+        .map_err(task_error)??;
+    }
+    let out_dir = settings.output.dir.clone();
+    std::fs::create_dir_all(&out_dir).map_err(|source| OutputError::Create {
+        path: out_dir,
+        source,
+    })?;
+    let engine = Arc::new(Engine::open(settings.clone()).await?);
+    let run_id = new_run_id(engine.clock.now());
+    {
+        let (id, now) = (run_id.clone(), engine.clock.now());
+        engine
+            .blocking(move |s| s.start_run(&id, "run", now))
+            .await?;
+    }
+    tracing::info!(run = %run_id, provider = %engine.kind, inputs = specs.len(), "run started");
+
+    let stop = CancellationToken::new();
+    let interrupted = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watcher = {
+        let stop = stop.clone();
+        let interrupted = interrupted.clone();
+        async move {
+            shutdown.await;
+            interrupted.store(true, Ordering::SeqCst);
+            stop.cancel();
+        }
+    };
+    let body = async {
+        if let Err(e) = engine.prepare().await {
+            return Err(e);
+        }
+        let progress = opts.progress.then(|| {
+            let pb = indicatif::ProgressBar::with_draw_target(
+                Some(0),
+                indicatif::ProgressDrawTarget::stderr(),
+            );
+            pb.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{spinner} {pos}/{len} orders polled  {per_sec}  {elapsed}",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            );
+            pb
+        });
+        let new_work = Arc::new(Notify::new());
+        let admitted = Arc::new(AtomicU64::new(0));
+        let (done_tx, done_rx) = watch::channel(false);
+        let ingest = {
+            let engine = engine.clone();
+            let run_id = run_id.clone();
+            let new_work = new_work.clone();
+            let admitted = admitted.clone();
+            let out_dir = settings.output.dir.clone();
+            let stop = stop.clone();
+            tokio::task::spawn_blocking(move || {
+                let mut rejects = RejectsWriter::new(&out_dir, &run_id);
+                let r =
+                    engine.ingest_files(&run_id, &specs, &mut rejects, &new_work, &admitted, &stop);
+                let path = rejects.finish().map_err(|e| OutputError::Write {
+                    path: out_dir.clone(),
+                    source: e,
+                });
+                let _ = done_tx.send(true);
+                (r, path)
+            })
+        };
+        if let Some(pb) = &progress {
+            let pb = pb.clone();
+            let admitted = admitted.clone();
+            let done = done_rx.clone();
+            tokio::spawn(async move {
+                loop {
+                    pb.set_length(admitted.load(Ordering::Relaxed));
+                    if *done.borrow() {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            });
+        }
+        let auth = engine
+            .poll(
+                &run_id,
+                PollUntil::IdleFor(opts.wait),
+                done_rx,
+                new_work,
+                stop.clone(),
+                progress.clone(),
+            )
+            .await?;
+        // Stopping early (auth, signal) must not leave ingest running.
+        let (ingest_result, rejects) = ingest.await.map_err(task_error)?;
+        if let Some(pb) = progress {
+            pb.finish_and_clear();
+        }
+        Ok((ingest_result?, rejects?, auth))
+    };
+    tokio::pin!(body);
+    tokio::pin!(watcher);
+    // A shutdown request cancels `stop`; the body then winds down and returns.
+    let outcome = tokio::select! {
+        r = &mut body => r,
+        () = &mut watcher => body.await,
+    };
+    let (ingest, rejects, auth) = match outcome {
+        Ok(v) => v,
+        Err(RunError::Auth(m)) => (IngestSummary::default(), None, Some(m)),
+        Err(e) => return Err(e),
+    };
+    let manifest = engine.export(format!("paysync-{run_id}"), &run_id).await?;
+    let statuses: BTreeMap<PayStatus, u64> = {
+        let id = run_id.clone();
+        engine
+            .blocking(move |s| s.run_status_counts(&id))
+            .await?
+            .into_iter()
+            .collect()
+    };
+    let still_tracking = {
+        let kind = engine.kind;
+        engine.blocking(move |s| s.tracked_count(kind)).await?
+    };
+    let report = RunReport {
+        run_id: run_id.clone(),
+        ingest,
+        statuses,
+        still_tracking,
+        requests: Stats::get(&engine.stats.requests),
+        retries: Stats::get(&engine.stats.retries),
+        throttled: Stats::get(&engine.stats.throttled),
+        elapsed: started.elapsed(),
+        manifest,
+        rejects,
+        interrupted: interrupted.load(Ordering::SeqCst),
+        auth_error: auth,
+    };
+    let summary = serde_json::json!({
+        "statuses": report.statuses.iter().map(|(k, v)| (k.as_str(), v)).collect::<BTreeMap<_, _>>(),
+        "rows_exported": report.manifest.as_ref().map(|(_, m)| m.rows).unwrap_or(0),
+        "requests": report.requests,
+        "retries": report.retries,
+        "throttled": report.throttled,
+        "rejected": report.ingest.rejected + report.ingest.duplicates,
+        "interrupted": report.interrupted,
+        "auth_error": report.auth_error.is_some(),
+    });
+    let now = engine.clock.now();
+    let finish_id = report.run_id.clone();
+    engine
+        .blocking(move |s| s.finish_run(&finish_id, now, &summary))
+        .await?;
+    tracing::info!(run = %report.run_id, errors = report.errors(), "run finished");
+    Ok(report)
+}

@@ -1,14 +1,42 @@
 //! The PayProtocol merchant API: request signing, `GET /payment/detail`, the
-//! currency-decimals table, and the mapping of its answers to [`PayDetail`].
+//! currency-decimals table (`GET /conf/list/currency`), and the mapping of its
+//! answers to [`PayDetail`].
+//!
+//! - [`sign`]: the `X-PAY-SIGN` rule (HMAC-SHA256 over timestamp, method, target, body).
+//! - [`PayProtocol`]: the provider; every call is signed and sent through the transport.
+//! - [`classify_detail`]: a pure function from an HTTP answer to a detail or a
+//!   [`FetchError`] class.
+//! - [`Currencies`]: decimals per (chain id, symbol), from the API or the config.
+
+use std::collections::HashMap;
+use std::sync::RwLock;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
+use chrono::{DateTime, FixedOffset, Utc};
 use hmac::{Hmac, Mac};
+use reqwest::Url;
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
 use sha2::Sha256;
+
+use super::{FetchError, OrderRef, PayProvider, ProviderKind, parse_provider_time};
+use crate::fetch::{RawResponse, Transport};
+use crate::model::{Amount, PayDetail, PayStatus};
+
+/// Default naive-time zone of PayProtocol timestamps (UTC+8, an assumption).
+pub const DEFAULT_TIME_ZONE: &str = "+08:00";
 
 /// `X-PAY-SIGN` for one request: standard Base64 of HMAC-SHA256 over
 /// `timestamp + METHOD + request_target + body`, where `request_target` is the path
 /// with the `/api/mer` prefix and, for GET, `?` and the query exactly as sent.
-pub fn sign(secret: &[u8], timestamp: &str, method: &str, request_target: &str, body: &[u8]) -> String {
+pub fn sign(
+    secret: &[u8],
+    timestamp: &str,
+    method: &str,
+    request_target: &str,
+    body: &[u8],
+) -> String {
     let mut mac = Hmac::<Sha256>::new_from_slice(secret).expect("HMAC accepts any key length");
     mac.update(timestamp.as_bytes());
     mac.update(method.to_ascii_uppercase().as_bytes());
@@ -17,9 +45,574 @@ pub fn sign(secret: &[u8], timestamp: &str, method: &str, request_target: &str, 
     base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes())
 }
 
+/// Everything the PayProtocol client needs from the config.
+#[derive(Debug, Clone)]
+pub struct PayProtocolSettings {
+    /// Whole API base, `/api/mer` prefix included.
+    pub base_url: String,
+    pub api_key: String,
+    pub api_secret: SecretString,
+    /// Zone of naive provider times (`createTime`).
+    pub naive_zone: FixedOffset,
+    /// Decimals per (chain id, symbol) that override or stand in for the API's list.
+    pub decimals: HashMap<(i64, String), u32>,
+}
+
+/// Decimals per (chain id, upper-case symbol).
+#[derive(Debug, Default)]
+pub struct Currencies(HashMap<(i64, String), u32>);
+
+impl Currencies {
+    pub fn decimals(&self, chain_id: i64, symbol: &str) -> Option<u32> {
+        self.0
+            .get(&(chain_id, symbol.to_ascii_uppercase()))
+            .copied()
+    }
+
+    fn insert(&mut self, chain_id: i64, symbol: &str, decimals: u32) {
+        self.0
+            .insert((chain_id, symbol.to_ascii_uppercase()), decimals);
+    }
+}
+
+/// The PayProtocol provider.
+pub struct PayProtocol {
+    settings: PayProtocolSettings,
+    transport: Transport,
+    base: Url,
+    currencies: RwLock<Currencies>,
+}
+
+impl PayProtocol {
+    pub fn new(settings: PayProtocolSettings, transport: Transport) -> Result<Self, String> {
+        let trimmed = settings.base_url.trim_end_matches('/');
+        let base = Url::parse(trimmed).map_err(|e| format!("invalid base_url: {e}"))?;
+        let mut currencies = Currencies::default();
+        for ((chain, symbol), d) in &settings.decimals {
+            currencies.insert(*chain, symbol, *d);
+        }
+        Ok(Self {
+            settings,
+            transport,
+            base,
+            currencies: RwLock::new(currencies),
+        })
+    }
+
+    /// Builds the URL for `path` with `query` pairs, encoded once; the request
+    /// target that is signed is read back from that same URL.
+    fn url(&self, path: &str, query: &[(&str, &str)]) -> Url {
+        let mut url = self.base.clone();
+        let joined = format!("{}{}", self.base.path().trim_end_matches('/'), path);
+        url.set_path(&joined);
+        if query.is_empty() {
+            url.set_query(None);
+        } else {
+            let q = form_urlencoded::Serializer::new(String::new())
+                .extend_pairs(query)
+                .finish();
+            url.set_query(Some(&q));
+        }
+        url
+    }
+
+    /// Sends a signed GET.
+    async fn get(&self, url: Url) -> Result<RawResponse, FetchError> {
+        let target = match url.query() {
+            Some(q) => format!("{}?{}", url.path(), q),
+            None => url.path().to_owned(),
+        };
+        let ts = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs()
+            .to_string();
+        let sig = sign(
+            self.settings.api_secret.expose_secret().as_bytes(),
+            &ts,
+            "GET",
+            &target,
+            b"",
+        );
+        let req = self
+            .transport
+            .client()
+            .get(url)
+            .header("X-PAY-KEY", &self.settings.api_key)
+            .header("X-PAY-TIMESTAMP", ts)
+            .header("X-PAY-SIGN", sig);
+        self.transport.send(req).await
+    }
+
+    async fn load_currencies(&self) -> Result<usize, FetchError> {
+        let raw = self.get(self.url("/conf/list/currency", &[])).await?;
+        let list = classify_currencies(&raw)?;
+        let mut table = self.currencies.write().unwrap_or_else(|e| e.into_inner());
+        let mut added = 0;
+        for c in list {
+            // Config overrides win over the API's list.
+            let key = (c.chain_id, c.symbol.to_ascii_uppercase());
+            if !self.settings.decimals.contains_key(&key) {
+                table.insert(c.chain_id, &c.symbol, c.decimals);
+                added += 1;
+            }
+        }
+        Ok(added)
+    }
+}
+
+impl PayProvider for PayProtocol {
+    fn kind(&self) -> ProviderKind {
+        ProviderKind::PayProtocol
+    }
+
+    /// Loads the currency table (a few tries). Rejected credentials stop the run;
+    /// other failures leave only the configured overrides, with a warning.
+    async fn prepare(&self) -> Result<(), FetchError> {
+        let mut last = None;
+        for attempt in 1..=3u32 {
+            match self.load_currencies().await {
+                Ok(n) => {
+                    tracing::debug!(currencies = n, "loaded currency decimals");
+                    return Ok(());
+                }
+                Err(e @ FetchError::Auth(_)) => return Err(e),
+                Err(e) => {
+                    tracing::debug!(attempt, error = %e, "currency list failed");
+                    last = Some(e);
+                    tokio::time::sleep(std::time::Duration::from_millis(250 * u64::from(attempt)))
+                        .await;
+                }
+            }
+        }
+        if let Some(e) = last {
+            tracing::warn!(error = %e, "cannot load the currency list; only [provider.decimals] overrides are known");
+        }
+        Ok(())
+    }
+
+    async fn fetch_detail(&self, order: &OrderRef) -> Result<PayDetail, FetchError> {
+        let mut q = vec![("outTradeNo", order.order_no.as_str())];
+        if let Some(p) = order.payment_no.as_deref().filter(|p| !p.is_empty()) {
+            q.push(("outPaymentNo", p));
+        }
+        let raw = self.get(self.url("/payment/detail", &q)).await?;
+        let currencies = self.currencies.read().unwrap_or_else(|e| e.into_inner());
+        classify_detail(&raw, &currencies, self.settings.naive_zone)
+    }
+}
+
+/// The response envelope `{code, msg, description?, data}`.
+#[derive(Debug, Deserialize)]
+struct Envelope<T> {
+    code: Option<i64>,
+    #[serde(default)]
+    msg: Option<String>,
+    #[serde(default)]
+    description: Option<String>,
+    data: Option<T>,
+}
+
+/// `data` of `GET /payment/detail`. Everything but `outTradeNo` may be absent.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+struct DetailDto {
+    chain_id: Option<i64>,
+    out_trade_no: Option<String>,
+    out_payment_no: Option<String>,
+    quote_currency_symbol: Option<String>,
+    #[serde(deserialize_with = "string_or_number")]
+    quote_amount: Option<String>,
+    payment_status: Option<i64>,
+    payment_type: Option<i64>,
+    #[serde(deserialize_with = "string_or_number")]
+    expected_amount: Option<String>,
+    #[serde(deserialize_with = "string_or_number")]
+    settlement_amount: Option<String>,
+    settlement_currency_symbol: Option<String>,
+    transfer_hash: Option<String>,
+    user_wallet_address: Option<String>,
+    from_address: Option<String>,
+    create_time: Option<String>,
+    block_time: Option<i64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct CurrencyDto {
+    chain_id: i64,
+    symbol: String,
+    decimals: u32,
+}
+
+/// Amount fields are documented as strings; accept bare integers too (never floats).
+fn string_or_number<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    match Option::<serde_json::Value>::deserialize(d)? {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(serde_json::Value::String(s)) => Ok(Some(s)),
+        Some(serde_json::Value::Number(n)) if n.is_i64() || n.is_u64() => Ok(Some(n.to_string())),
+        Some(other) => Err(serde::de::Error::custom(format!(
+            "expected an amount string, got {other}"
+        ))),
+    }
+}
+
+/// The normalized status of a `paymentStatus` code.
+pub fn map_status(code: i64) -> PayStatus {
+    match code {
+        0 => PayStatus::Paid,
+        1 => PayStatus::Pending,
+        2 => PayStatus::Confirming,
+        3 => PayStatus::PartiallyPaid,
+        4 => PayStatus::Failed,
+        5 => PayStatus::Refunded,
+        _ => PayStatus::Unknown,
+    }
+}
+
+/// The payment method name of a `paymentType` code.
+fn payment_method(code: i64) -> String {
+    match code {
+        0 => "contract".into(),
+        1 => "wallet_transfer".into(),
+        other => other.to_string(),
+    }
+}
+
+/// A short, printable excerpt of a body for error messages.
+fn snippet(body: &[u8]) -> String {
+    let text = String::from_utf8_lossy(&body[..body.len().min(120)]);
+    text.chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect::<String>()
+        .trim()
+        .to_owned()
+}
+
+/// Classifies the HTTP layer and the envelope; `Ok(Some(data))` on success,
+/// `Ok(None)` for a success envelope without data.
+fn classify_envelope<T: serde::de::DeserializeOwned>(
+    raw: &RawResponse,
+) -> Result<Option<T>, FetchError> {
+    let status = raw.status;
+    match status {
+        401 | 403 => return Err(FetchError::Auth(format!("HTTP {status}"))),
+        404 => return Err(FetchError::NotFound),
+        429 => {
+            return Err(FetchError::Throttled {
+                code: 429,
+                retry_after: raw.retry_after,
+            });
+        }
+        408 | 500..=599 => {
+            return Err(FetchError::Server {
+                status,
+                retry_after: raw.retry_after,
+                detail: snippet(&raw.body),
+            });
+        }
+        200..=299 => {}
+        _ => {
+            return Err(FetchError::Rejected(format!(
+                "HTTP {status}: {}",
+                snippet(&raw.body)
+            )));
+        }
+    }
+    let env: Envelope<T> =
+        serde_json::from_slice(&raw.body).map_err(|e| FetchError::Malformed {
+            status,
+            detail: e.to_string(),
+        })?;
+    let msg = || {
+        let mut m = env.msg.clone().unwrap_or_default();
+        if let Some(d) = env.description.as_deref().filter(|d| !d.is_empty()) {
+            m = format!("{m} ({d})");
+        }
+        m
+    };
+    match env.code {
+        Some(200) => Ok(env.data),
+        Some(c @ (401 | 403)) => Err(FetchError::Auth(format!("code {c}: {}", msg()))),
+        Some(404) => Err(FetchError::NotFound),
+        Some(429) => Err(FetchError::Throttled {
+            code: 429,
+            retry_after: raw.retry_after,
+        }),
+        Some(c @ 500..=599) => Err(FetchError::Server {
+            status: c as u16,
+            retry_after: raw.retry_after,
+            detail: msg(),
+        }),
+        Some(c) => Err(FetchError::Rejected(format!("code {c}: {}", msg()))),
+        None => Err(FetchError::Malformed {
+            status,
+            detail: "envelope has no code".into(),
+        }),
+    }
+}
+
+fn classify_currencies(raw: &RawResponse) -> Result<Vec<CurrencyDto>, FetchError> {
+    Ok(classify_envelope::<Vec<CurrencyDto>>(raw)?.unwrap_or_default())
+}
+
+fn non_empty(s: Option<String>) -> Option<String> {
+    s.filter(|v| !v.trim().is_empty())
+}
+
+/// Turns one `GET /payment/detail` answer into a detail or a failure class.
+pub fn classify_detail(
+    raw: &RawResponse,
+    currencies: &Currencies,
+    naive_zone: FixedOffset,
+) -> Result<PayDetail, FetchError> {
+    let Some(data) = classify_envelope::<Option<DetailDto>>(raw)?.flatten() else {
+        return Err(FetchError::NotFound);
+    };
+    if data.out_trade_no.as_deref().is_none_or(str::is_empty) && data.payment_status.is_none() {
+        return Err(FetchError::NotFound);
+    }
+    let malformed = |detail: String| FetchError::Malformed {
+        status: raw.status,
+        detail,
+    };
+    let code = data
+        .payment_status
+        .ok_or_else(|| malformed("paymentStatus is missing".into()))?;
+    let mut d = PayDetail::new(code.to_string(), map_status(code));
+    d.chain_id = data.chain_id.map(|c| c.to_string());
+    let currency = non_empty(data.settlement_currency_symbol);
+    let scale = |field: &str, units: Option<String>| -> Result<Option<Amount>, FetchError> {
+        let Some(units) = non_empty(units) else {
+            return Ok(None);
+        };
+        let (Some(chain), Some(sym)) = (data.chain_id, currency.as_deref()) else {
+            return Err(FetchError::Rejected(format!(
+                "{field} {units} has no chain or currency to scale it by"
+            )));
+        };
+        let dec = currencies.decimals(chain, sym).ok_or_else(|| {
+            FetchError::Rejected(format!(
+                "no decimals known for {sym} on chain {chain}; add it to [provider.decimals]"
+            ))
+        })?;
+        Amount::from_base_units(&units, dec)
+            .map(Some)
+            .map_err(|e| malformed(format!("{field}: {e}")))
+    };
+    d.amount = scale("settlementAmount", data.settlement_amount)?;
+    // Unpaid orders may not name their settlement currency yet: the expected amount
+    // then has no scale and is left empty rather than failing the order.
+    d.expected_amount = if currency.is_some() {
+        scale("expectedAmount", data.expected_amount)?
+    } else {
+        None
+    };
+    d.currency = currency.clone();
+    d.quote_amount = non_empty(data.quote_amount)
+        .map(|q| Amount::parse_decimal(&q))
+        .transpose()
+        .map_err(|e| malformed(format!("quoteAmount: {e}")))?;
+    d.quote_currency = non_empty(data.quote_currency_symbol);
+    d.payment_no = non_empty(data.out_payment_no);
+    d.payment_method = data.payment_type.map(payment_method);
+    d.tx_hash = non_empty(data.transfer_hash);
+    d.from_address = non_empty(data.from_address);
+    d.to_address = non_empty(data.user_wallet_address);
+    d.created_at = match data.create_time.as_deref() {
+        Some(t) => parse_provider_time(t, naive_zone).map_err(malformed)?,
+        None => None,
+    };
+    d.paid_at = data
+        .block_time
+        .filter(|t| *t > 0)
+        .and_then(|t| DateTime::<Utc>::from_timestamp(t, 0));
+    Ok(d)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::Bytes;
+    use std::time::Duration;
+
+    fn raw(status: u16, body: &str) -> RawResponse {
+        RawResponse {
+            status,
+            retry_after: None,
+            body: Bytes::from(body.to_owned()),
+        }
+    }
+
+    fn table() -> Currencies {
+        let mut c = Currencies::default();
+        c.insert(1, "USDT", 6);
+        c.insert(2, "ETH", 18);
+        c
+    }
+
+    fn cst() -> FixedOffset {
+        FixedOffset::east_opt(8 * 3600).unwrap()
+    }
+
+    const SAMPLE: &str = r#"{"code":200,"msg":"success","data":{"orgId":2313,"paymentStatus":0,"chainId":1,"blockTime":1712122830,"paymentType":1,"outPaymentNo":"202404031340061798686","outTradeNo":"202404031340069012495","isLegalTender":1,"quoteCurrencySymbol":"USD","quoteAmount":"1","settlementCurrencySymbol":"USDT","settlementAmount":"1000000","expectedAmount":"999746","transferHash":"0d47","fromAddress":"TDPx","userWalletAddress":"TASh","description":"A sample order","createTime":"2024-04-03 13:40:06"}}"#;
+
+    /// The seed's sample answer maps field by field, amounts scaled exactly.
+    #[test]
+    fn sample_detail_maps_to_schema() {
+        let d = classify_detail(&raw(200, SAMPLE), &table(), cst()).unwrap();
+        assert_eq!(d.status, PayStatus::Paid);
+        assert_eq!(d.provider_status, "0");
+        assert_eq!(d.amount.unwrap().as_str(), "1.000000");
+        assert_eq!(d.expected_amount.unwrap().as_str(), "0.999746");
+        assert_eq!(d.currency.as_deref(), Some("USDT"));
+        assert_eq!(d.quote_amount.unwrap().as_str(), "1");
+        assert_eq!(d.quote_currency.as_deref(), Some("USD"));
+        assert_eq!(d.payment_no.as_deref(), Some("202404031340061798686"));
+        assert_eq!(d.payment_method.as_deref(), Some("wallet_transfer"));
+        assert_eq!(d.tx_hash.as_deref(), Some("0d47"));
+        assert_eq!(d.from_address.as_deref(), Some("TDPx"));
+        assert_eq!(d.to_address.as_deref(), Some("TASh"));
+        assert_eq!(d.chain_id.as_deref(), Some("1"));
+        assert_eq!(
+            crate::model::rfc3339(d.created_at.unwrap()),
+            "2024-04-03T05:40:06Z"
+        );
+        assert_eq!(
+            crate::model::rfc3339(d.paid_at.unwrap()),
+            "2024-04-03T05:40:30Z"
+        );
+    }
+
+    /// An unpaid order's expected amount without a currency is left empty, not an error.
+    #[test]
+    fn unpaid_without_currency() {
+        let body = r#"{"code":200,"data":{"outTradeNo":"X","paymentStatus":1,"chainId":1,"expectedAmount":"999746"}}"#;
+        let d = classify_detail(&raw(200, body), &table(), cst()).unwrap();
+        assert_eq!(d.status, PayStatus::Pending);
+        assert_eq!(d.expected_amount, None);
+        assert_eq!(d.amount, None);
+    }
+
+    /// An 18-decimal amount above 2^64 base units stays exact.
+    #[test]
+    fn eighteen_decimals_beyond_u64() {
+        let body = r#"{"code":200,"data":{"outTradeNo":"X","paymentStatus":0,"chainId":2,"settlementCurrencySymbol":"ETH","settlementAmount":"123456789012345678901234"}}"#;
+        let d = classify_detail(&raw(200, body), &table(), cst()).unwrap();
+        assert_eq!(d.amount.unwrap().as_str(), "123456.789012345678901234");
+    }
+
+    /// Every status code maps; unknown codes stay unknown with the raw code kept.
+    #[test]
+    fn status_table() {
+        let want = [
+            (0, PayStatus::Paid),
+            (1, PayStatus::Pending),
+            (2, PayStatus::Confirming),
+            (3, PayStatus::PartiallyPaid),
+            (4, PayStatus::Failed),
+            (5, PayStatus::Refunded),
+            (7, PayStatus::Unknown),
+        ];
+        for (code, st) in want {
+            let body =
+                format!(r#"{{"code":200,"data":{{"outTradeNo":"X","paymentStatus":{code}}}}}"#);
+            let d = classify_detail(&raw(200, &body), &table(), cst()).unwrap();
+            assert_eq!(
+                (d.status, d.provider_status.as_str()),
+                (st, code.to_string().as_str())
+            );
+        }
+    }
+
+    /// HTTP statuses, envelope codes and broken bodies become the right classes.
+    #[test]
+    fn error_classification() {
+        let c = |status, body: &str| classify_detail(&raw(status, body), &table(), cst());
+        assert!(matches!(c(401, ""), Err(FetchError::Auth(_))));
+        assert!(matches!(c(403, "<html>"), Err(FetchError::Auth(_))));
+        assert!(matches!(
+            c(200, r#"{"code":401,"msg":"bad sign"}"#),
+            Err(FetchError::Auth(_))
+        ));
+        assert_eq!(c(404, ""), Err(FetchError::NotFound));
+        assert_eq!(
+            c(200, r#"{"code":200,"msg":"ok","data":null}"#),
+            Err(FetchError::NotFound)
+        );
+        assert_eq!(
+            c(200, r#"{"code":200,"msg":"ok"}"#),
+            Err(FetchError::NotFound)
+        );
+        assert_eq!(
+            c(200, r#"{"code":200,"msg":"ok","data":{}}"#),
+            Err(FetchError::NotFound)
+        );
+        assert!(matches!(
+            c(429, ""),
+            Err(FetchError::Throttled { code: 429, .. })
+        ));
+        assert!(matches!(
+            c(200, r#"{"code":429}"#),
+            Err(FetchError::Throttled { .. })
+        ));
+        assert!(matches!(
+            c(502, "<html>bad gateway</html>"),
+            Err(FetchError::Server { status: 502, .. })
+        ));
+        assert!(matches!(
+            c(200, r#"{"code":503,"msg":"busy"}"#),
+            Err(FetchError::Server { status: 503, .. })
+        ));
+        assert!(matches!(
+            c(200, r#"{"code":200,"data":{"outTr"#),
+            Err(FetchError::Malformed { .. })
+        ));
+        assert!(matches!(
+            c(200, "<html></html>"),
+            Err(FetchError::Malformed { .. })
+        ));
+        assert!(
+            matches!(c(200, r#"{"code":40001,"msg":"bad order"}"#), Err(FetchError::Rejected(m)) if m.contains("40001"))
+        );
+        assert!(matches!(c(400, "bad"), Err(FetchError::Rejected(_))));
+        // A currency the table does not know is refused clearly, not guessed.
+        let body = r#"{"code":200,"data":{"outTradeNo":"X","paymentStatus":0,"chainId":9,"settlementCurrencySymbol":"DOGE","settlementAmount":"5"}}"#;
+        assert!(matches!(c(200, body), Err(FetchError::Rejected(m)) if m.contains("DOGE")));
+        // Amounts must be integers in base units.
+        let body = r#"{"code":200,"data":{"outTradeNo":"X","paymentStatus":0,"chainId":1,"settlementCurrencySymbol":"USDT","settlementAmount":"1.5"}}"#;
+        assert!(matches!(c(200, body), Err(FetchError::Malformed { .. })));
+        let with_retry = RawResponse {
+            status: 429,
+            retry_after: Some(Duration::from_secs(3)),
+            body: Bytes::new(),
+        };
+        assert_eq!(
+            classify_detail(&with_retry, &table(), cst()),
+            Err(FetchError::Throttled {
+                code: 429,
+                retry_after: Some(Duration::from_secs(3))
+            })
+        );
+    }
+
+    /// The signed target is the encoded query exactly as it goes on the wire.
+    #[test]
+    fn url_encodes_once_and_signs_what_is_sent() {
+        let settings = PayProtocolSettings {
+            base_url: "http://127.0.0.1:1/api/mer/".into(),
+            api_key: "k".into(),
+            api_secret: SecretString::from("s"),
+            naive_zone: cst(),
+            decimals: HashMap::new(),
+        };
+        let limiter = std::sync::Arc::new(crate::fetch::Limiter::new(1.0, 1));
+        let t = Transport::new(limiter, Duration::from_secs(1), 1024, Default::default()).unwrap();
+        let p = PayProtocol::new(settings, t).unwrap();
+        let url = p.url("/payment/detail", &[("outTradeNo", "../a b&c=d#e")]);
+        assert_eq!(url.path(), "/api/mer/payment/detail");
+        assert_eq!(url.query(), Some("outTradeNo=..%2Fa+b%26c%3Dd%23e"));
+    }
 
     /// The spec's three signing vectors.
     #[test]
@@ -50,23 +643,5 @@ mod tests {
             ),
             "TTapR5tRnCrznCT7WzQMRXZBIyby/YdJAFR7GOoG0Eo="
         );
-    }
-}
-
-/// (client being written: temporary placeholder)
-pub struct PayProtocol;
-
-impl super::PayProvider for PayProtocol {
-    fn kind(&self) -> super::ProviderKind {
-        super::ProviderKind::PayProtocol
-    }
-    async fn prepare(&self) -> Result<(), super::FetchError> {
-        Ok(())
-    }
-    async fn fetch_detail(
-        &self,
-        _order: &super::OrderRef,
-    ) -> Result<crate::model::PayDetail, super::FetchError> {
-        Err(super::FetchError::Rejected("not built yet".into()))
     }
 }

@@ -1,2 +1,1544 @@
-//! (module being written)
-pub struct SqliteStore;
+//! The embedded SQLite [`StateStore`]: one state file per paysync installation,
+//! owned by one process at a time.
+//!
+//! - [`SqliteStore`]: the store. [`SqliteStore::open`] locks, creates or migrates the
+//!   file; every trait method is one transaction on one connection behind a mutex.
+//!
+//! # Files
+//! `<path>` is the database, `<path>-wal` / `<path>-shm` are SQLite's WAL files and
+//! `<path>.lock` is an advisory lock (`flock`, via `File::try_lock`) held for the
+//! store's lifetime, so a second paysync on the same state fails fast with
+//! [`StateError::Locked`] instead of waiting on SQLite locks. New files are created
+//! mode `0600` (SQLite gives the WAL files the database's mode). Because the lock is
+//! exclusive, leases left by a crashed process are cleared at open.
+//!
+//! # Schema (version [`super::SCHEMA_VERSION`], in `PRAGMA user_version`)
+//! - `orders`: one row per (provider, order_no): the input row (`input`, JSON array of
+//!   `[name, value]` pairs in input order), where it was first read (`source`,
+//!   `line`, `first_run`, `first_seen_at`), the last poll (`status`,
+//!   `provider_status`, `detail` JSON, `last_error`, `last_run`, `last_observed_at`),
+//!   the schedule (`tracking`, `next_poll_at`, `lease_until`) and counters (`polls`:
+//!   poll cycles, for backoff; `api_calls`: HTTP attempts, the output `polls` column).
+//!   Indexed by (provider, tracking, next_poll_at) for claiming due orders.
+//! - `observations`: the output rows, as the JSON of [`Observation`], in `seq` order;
+//!   `UNIQUE (provider, order_no, status, tracking)` makes "one row per pair, ever"
+//!   a constraint. `batch_id` is NULL until the row is staged for export.
+//! - `batches`: one per output file: `staged` until its file and manifest are
+//!   durable, then `committed`.
+//! - `runs`: start, end and summary of each run, for `paysync status`.
+//! - `queue_positions`: how far each queue file has been read.
+//!
+//! All times are unix milliseconds (`INTEGER`). Migrations are the steps of
+//! `MIGRATIONS`, step `i` taking `user_version` from `i` to `i + 1`; a file with a
+//! newer version than this build knows is refused ([`StateError::NewerSchema`]).
+//!
+//! # Durability
+//! WAL mode with `synchronous = NORMAL`: every transaction is atomic and survives a
+//! process crash; a power loss may roll back the last few transactions (never half
+//! of one, never out of order). That is safe for polling state: an order's queue
+//! position is saved with its admission, and a lost poll is simply polled again.
+//! The two export steps, [`StateStore::stage_batch`] and
+//! [`StateStore::commit_batch`], run with `synchronous = FULL`, so once a batch's
+//! rows are handed to the output writer, the staging (and everything before it) is
+//! on disk: a row never lands in two files.
+
+use std::fs::{self, File, OpenOptions, TryLockError};
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use rusqlite::types::ValueRef;
+use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior, params};
+
+use super::{
+    Admission, Batch, DueOrder, NewOrder, OldestUnsettled, PollOutcome, PollRecord, QueuePosition,
+    RunRecord, SCHEMA_VERSION, StateError, StateStore, StatusCount, StatusReport,
+};
+use crate::model::{Observation, OrderNo, PayDetail, PayStatus, Tracking};
+use crate::provider::ProviderKind;
+
+/// How long a statement waits for a SQLite lock held by another connection (only
+/// `sqlite3` shells and backups can hold one: paysync itself holds the file lock).
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Page cache per connection, in KiB (SQLite's negative `cache_size`): large enough
+/// that polling a million orders does not re-read index pages from the OS.
+const CACHE_KIB: i64 = 64 * 1024;
+
+/// Prepared statements kept per connection (every statement of this module fits).
+const STATEMENT_CACHE: usize = 64;
+
+/// Schema migrations: step `i` takes `user_version` from `i` to `i + 1`.
+const MIGRATIONS: &[&str] = &[
+    // 1: the initial schema.
+    "
+    CREATE TABLE orders (
+        provider         TEXT NOT NULL,
+        order_no         TEXT NOT NULL,
+        payment_no       TEXT,
+        input            TEXT NOT NULL,
+        source           TEXT NOT NULL,
+        line             INTEGER NOT NULL,
+        first_run        TEXT NOT NULL,
+        first_seen_at    INTEGER NOT NULL,
+        status           TEXT,
+        provider_status  TEXT,
+        detail           TEXT,
+        tracking         TEXT NOT NULL DEFAULT 'polling',
+        polls            INTEGER NOT NULL DEFAULT 0,
+        api_calls        INTEGER NOT NULL DEFAULT 0,
+        next_poll_at     INTEGER,
+        lease_until      INTEGER,
+        last_error       TEXT,
+        last_run         TEXT,
+        last_observed_at INTEGER,
+        PRIMARY KEY (provider, order_no)
+    );
+    CREATE INDEX orders_due ON orders (provider, tracking, next_poll_at);
+    CREATE INDEX orders_leased ON orders (lease_until) WHERE lease_until IS NOT NULL;
+
+    CREATE TABLE batches (
+        id           INTEGER PRIMARY KEY,
+        name         TEXT NOT NULL UNIQUE,
+        state        TEXT NOT NULL CHECK (state IN ('staged', 'committed')),
+        rows         INTEGER NOT NULL,
+        created_at   INTEGER NOT NULL,
+        committed_at INTEGER
+    );
+
+    CREATE TABLE observations (
+        seq      INTEGER PRIMARY KEY,
+        provider TEXT NOT NULL,
+        order_no TEXT NOT NULL,
+        status   TEXT NOT NULL,
+        tracking TEXT NOT NULL,
+        row      TEXT NOT NULL,
+        batch_id INTEGER REFERENCES batches (id),
+        UNIQUE (provider, order_no, status, tracking)
+    );
+    CREATE INDEX observations_batch ON observations (batch_id);
+
+    CREATE TABLE runs (
+        run_id      TEXT PRIMARY KEY,
+        command     TEXT NOT NULL,
+        started_at  INTEGER NOT NULL,
+        finished_at INTEGER,
+        summary     TEXT
+    );
+
+    CREATE TABLE queue_positions (
+        path     TEXT PRIMARY KEY,
+        identity TEXT NOT NULL,
+        offset   INTEGER NOT NULL
+    );
+    ",
+];
+
+const _: () = assert!(MIGRATIONS.len() as i64 == SCHEMA_VERSION);
+
+/// The `status` shown by [`StateStore::status_report`] for orders not polled yet.
+const NOT_POLLED: &str = "not_polled";
+
+/// The SQLite state store. See the module documentation for files, schema and
+/// durability.
+pub struct SqliteStore {
+    // Field order is drop order: the connection closes before the lock is released.
+    conn: Mutex<Connection>,
+    path: PathBuf,
+    _lock: File,
+}
+
+impl std::fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteStore")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SqliteStore {
+    /// Opens (creating if missing) the state file at `path`: takes the lock file
+    /// `<path>.lock`, applies pending migrations and clears leases left by a previous
+    /// process.
+    pub fn open(path: &Path) -> Result<SqliteStore, StateError> {
+        let open_err = |e: Box<dyn std::error::Error + Send + Sync>| StateError::Open {
+            path: path.to_owned(),
+            source: e,
+        };
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            fs::create_dir_all(dir).map_err(|e| open_err(e.into()))?;
+        }
+
+        let lock_path = lock_path(path);
+        let lock = owner_only(OpenOptions::new().read(true).write(true).create(true))
+            .truncate(false)
+            .open(&lock_path)
+            .map_err(|e| open_err(e.into()))?;
+        set_owner_only(&lock_path).map_err(|e| open_err(e.into()))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(TryLockError::WouldBlock) => {
+                return Err(StateError::Locked {
+                    path: path.to_owned(),
+                    lock: lock_path,
+                });
+            }
+            Err(TryLockError::Error(e)) => return Err(open_err(e.into())),
+        }
+
+        // Create the database ourselves so that it is born 0600; SQLite then opens it.
+        match owner_only(OpenOptions::new().write(true).create_new(true)).open(path) {
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(open_err(e.into())),
+        }
+
+        let mut conn = Connection::open(path).map_err(|e| open_err(e.into()))?;
+        configure(&conn).map_err(|e| open_err(e.into()))?;
+        migrate(&mut conn, path)?;
+        conn.execute(
+            "UPDATE orders SET lease_until = NULL WHERE lease_until IS NOT NULL",
+            [],
+        )?;
+        Ok(SqliteStore {
+            conn: Mutex::new(conn),
+            path: path.to_owned(),
+            _lock: lock,
+        })
+    }
+
+    /// The state file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The connection. A panic in another thread cannot leave it mid-transaction
+    /// (an unfinished [`Transaction`] rolls back on drop), so poisoning is ignored.
+    fn conn(&self) -> MutexGuard<'_, Connection> {
+        self.conn.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Runs `f` in one write transaction (`BEGIN IMMEDIATE`) and commits it.
+    fn write<T>(
+        &self,
+        f: impl FnOnce(&Transaction<'_>) -> Result<T, StateError>,
+    ) -> Result<T, StateError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let out = f(&tx)?;
+        tx.commit()?;
+        Ok(out)
+    }
+
+    /// Like [`Self::write`], but the commit is fsynced (`synchronous = FULL`).
+    fn write_synced<T>(
+        &self,
+        f: impl FnOnce(&Transaction<'_>) -> Result<T, StateError>,
+    ) -> Result<T, StateError> {
+        let mut conn = self.conn();
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        let out = (|| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let out = f(&tx)?;
+            tx.commit()?;
+            Ok(out)
+        })();
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        out
+    }
+
+    /// Runs `f` in one read transaction.
+    fn read<T>(
+        &self,
+        f: impl FnOnce(&Transaction<'_>) -> Result<T, StateError>,
+    ) -> Result<T, StateError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Deferred)?;
+        let out = f(&tx)?;
+        tx.commit()?;
+        Ok(out)
+    }
+}
+
+/// `<path>.lock`.
+fn lock_path(path: &Path) -> PathBuf {
+    let mut s = path.as_os_str().to_owned();
+    s.push(".lock");
+    PathBuf::from(s)
+}
+
+/// Makes files created through `opts` readable by their owner only.
+fn owner_only(opts: &mut OpenOptions) -> &mut OpenOptions {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    opts
+}
+
+/// Sets an existing file's mode to 0600.
+fn set_owner_only(path: &Path) -> io::Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(path, fs::Permissions::from_mode(0o600))?;
+    }
+    #[cfg(not(unix))]
+    let _ = path;
+    Ok(())
+}
+
+/// Connection settings (see the module documentation for the durability choice).
+fn configure(conn: &Connection) -> rusqlite::Result<()> {
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    let mode: String = conn.pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        tracing::warn!(
+            journal_mode = %mode,
+            "state file cannot use WAL mode; writes will be slower"
+        );
+    }
+    conn.pragma_update(None, "synchronous", "NORMAL")?;
+    conn.pragma_update(None, "foreign_keys", "ON")?;
+    conn.pragma_update(None, "cache_size", -CACHE_KIB)?;
+    conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
+    Ok(())
+}
+
+/// Applies the migrations the file lacks, each in its own transaction.
+fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StateError> {
+    let found: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    if found > SCHEMA_VERSION {
+        return Err(StateError::NewerSchema {
+            path: path.to_owned(),
+            found,
+            supported: SCHEMA_VERSION,
+        });
+    }
+    for (from, step) in MIGRATIONS
+        .iter()
+        .enumerate()
+        .skip(usize::try_from(found).unwrap_or(0))
+    {
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Exclusive)?;
+        tx.execute_batch(step)?;
+        tx.pragma_update(None, "user_version", from as i64 + 1)?;
+        tx.commit()?;
+    }
+    Ok(())
+}
+
+fn to_ms(t: DateTime<Utc>) -> i64 {
+    t.timestamp_millis()
+}
+
+fn from_ms(ms: i64) -> Result<DateTime<Utc>, StateError> {
+    DateTime::from_timestamp_millis(ms)
+        .ok_or_else(|| StateError::Corrupt(format!("time {ms} ms is out of range")))
+}
+
+fn duration_ms(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+fn parse_status(s: &str) -> Result<PayStatus, StateError> {
+    PayStatus::from_name(s).ok_or_else(|| StateError::Corrupt(format!("unknown status {s:?}")))
+}
+
+fn parse_u32(what: &str, v: i64) -> Result<u32, StateError> {
+    u32::try_from(v).map_err(|_| StateError::Corrupt(format!("{what} {v} is out of range")))
+}
+
+fn parse_u64(what: &str, v: i64) -> Result<u64, StateError> {
+    u64::try_from(v).map_err(|_| StateError::Corrupt(format!("{what} {v} is out of range")))
+}
+
+fn to_i64(what: &str, v: u64) -> Result<i64, StateError> {
+    i64::try_from(v).map_err(|_| StateError::Corrupt(format!("{what} {v} is too large to store")))
+}
+
+/// The text of a column that must hold text.
+fn text<'a>(v: ValueRef<'a>, what: &str) -> Result<&'a str, StateError> {
+    v.as_str()
+        .map_err(|e| StateError::Corrupt(format!("{what}: {e}")))
+}
+
+impl StateStore for SqliteStore {
+    fn add_orders(
+        &self,
+        run_id: &str,
+        orders: &[NewOrder],
+        now: DateTime<Utc>,
+        queue: Option<&QueuePosition>,
+    ) -> Result<Vec<Admission>, StateError> {
+        let now = to_ms(now);
+        self.write(|tx| {
+            let mut insert = tx.prepare_cached(
+                "INSERT INTO orders (provider, order_no, payment_no, input, source, line,
+                                     first_run, first_seen_at, next_poll_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8)
+                 ON CONFLICT (provider, order_no) DO NOTHING",
+            )?;
+            let mut existing = tx.prepare_cached(
+                "SELECT first_run, source, line FROM orders WHERE provider = ?1 AND order_no = ?2",
+            )?;
+            let mut out = Vec::with_capacity(orders.len());
+            for o in orders {
+                let input = serde_json::to_string(&o.input)
+                    .map_err(|e| StateError::Corrupt(format!("input columns: {e}")))?;
+                let inserted = insert.execute(params![
+                    o.provider.as_str(),
+                    o.order_no.as_str(),
+                    o.payment_no,
+                    input,
+                    o.source,
+                    to_i64("line", o.line)?,
+                    run_id,
+                    now,
+                ])?;
+                if inserted == 1 {
+                    out.push(Admission::New);
+                    continue;
+                }
+                let mut rows = existing.query(params![o.provider.as_str(), o.order_no.as_str()])?;
+                let row = rows.next()?.ok_or_else(|| {
+                    StateError::Corrupt(format!("order {} vanished during insert", o.order_no))
+                })?;
+                if text(row.get_ref(0)?, "first_run")? == run_id {
+                    out.push(Admission::Duplicate {
+                        source: text(row.get_ref(1)?, "source")?.to_owned(),
+                        line: parse_u64("line", row.get(2)?)?,
+                    });
+                } else {
+                    out.push(Admission::Known);
+                }
+            }
+            if let Some(q) = queue {
+                save_queue_position(tx, q)?;
+            }
+            Ok(out)
+        })
+    }
+
+    fn claim_due(
+        &self,
+        provider: ProviderKind,
+        now: DateTime<Utc>,
+        limit: usize,
+        lease: Duration,
+    ) -> Result<Vec<DueOrder>, StateError> {
+        let now = to_ms(now);
+        let until = now.saturating_add(duration_ms(lease));
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.write(|tx| {
+            let mut due = tx.prepare_cached(
+                "SELECT rowid, order_no, payment_no, first_seen_at, polls, status
+                 FROM orders
+                 WHERE provider = ?1 AND tracking = 'polling' AND next_poll_at <= ?2
+                   AND (lease_until IS NULL OR lease_until <= ?2)
+                 ORDER BY next_poll_at
+                 LIMIT ?3",
+            )?;
+            let mut lease =
+                tx.prepare_cached("UPDATE orders SET lease_until = ?2 WHERE rowid = ?1")?;
+            let mut rows = due.query(params![provider.as_str(), now, limit])?;
+            let mut out = Vec::new();
+            while let Some(row) = rows.next()? {
+                let rowid: i64 = row.get(0)?;
+                let order_no = text(row.get_ref(1)?, "order_no")?;
+                let order_no = OrderNo::parse(order_no).map_err(|e| {
+                    StateError::Corrupt(format!("stored order number {order_no:?}: {e}"))
+                })?;
+                let status = match row.get_ref(5)? {
+                    ValueRef::Null => None,
+                    v => Some(parse_status(text(v, "status")?)?),
+                };
+                out.push(DueOrder {
+                    order_no,
+                    payment_no: row.get(2)?,
+                    first_seen_at: from_ms(row.get(3)?)?,
+                    polls: parse_u32("polls", row.get(4)?)?,
+                    status,
+                });
+                lease.execute(params![rowid, until])?;
+            }
+            Ok(out)
+        })
+    }
+
+    fn next_due_at(&self, provider: ProviderKind) -> Result<Option<DateTime<Utc>>, StateError> {
+        self.read(|tx| {
+            let next: Option<i64> = tx
+                .prepare_cached(
+                    "SELECT MIN(next_poll_at) FROM orders
+                     WHERE provider = ?1 AND tracking = 'polling' AND lease_until IS NULL",
+                )?
+                .query_row([provider.as_str()], |r| r.get(0))?;
+            next.map(from_ms).transpose()
+        })
+    }
+
+    fn record_polls(&self, run_id: &str, polls: &[PollRecord]) -> Result<(), StateError> {
+        self.write(|tx| {
+            let mut load = tx.prepare_cached(
+                "SELECT rowid, status, tracking, api_calls
+                 FROM orders WHERE provider = ?1 AND order_no = ?2",
+            )?;
+            let mut update = tx.prepare_cached(
+                "UPDATE orders SET status = ?2, provider_status = ?3, detail = ?4,
+                    last_error = ?5, polls = polls + 1, api_calls = ?6, tracking = ?7,
+                    next_poll_at = ?8, lease_until = NULL, last_run = ?9,
+                    last_observed_at = ?10
+                 WHERE rowid = ?1",
+            )?;
+            let mut order_facts =
+                tx.prepare_cached("SELECT input, first_seen_at FROM orders WHERE rowid = ?1")?;
+            let mut observe = tx.prepare_cached(
+                "INSERT INTO observations (provider, order_no, status, tracking, row)
+                 VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT (provider, order_no, status, tracking) DO NOTHING",
+            )?;
+            for p in polls {
+                let provider = p.provider.as_str();
+                let order_no = p.order_no.as_str();
+                let status = p.outcome.status();
+
+                let (rowid, unchanged, api_calls) = {
+                    let mut rows = load.query(params![provider, order_no])?;
+                    let row = rows.next()?.ok_or_else(|| {
+                        StateError::Corrupt(format!(
+                            "poll recorded for order {provider}/{order_no}, which is not registered"
+                        ))
+                    })?;
+                    let old_status = row.get_ref(1)?;
+                    let old_tracking = text(row.get_ref(2)?, "tracking")?;
+                    let unchanged = matches!(old_status, ValueRef::Text(s) if s == status.as_str().as_bytes())
+                        && old_tracking == p.tracking.as_str();
+                    let calls = parse_u32("api_calls", row.get(3)?)?.saturating_add(p.attempts);
+                    (row.get::<_, i64>(0)?, unchanged, calls)
+                };
+
+                let (detail_json, provider_status, error) = match &p.outcome {
+                    PollOutcome::Detail(d) => (
+                        Some(serde_json::to_string(d).map_err(|e| {
+                            StateError::Corrupt(format!("pay detail of {order_no}: {e}"))
+                        })?),
+                        Some(d.provider_status.as_str()),
+                        None,
+                    ),
+                    PollOutcome::Failed { reason, .. } => (None, None, Some(reason.as_str())),
+                };
+                let next_poll_at = match p.tracking {
+                    Tracking::Polling => p.next_poll_at.map(to_ms),
+                    Tracking::Settled | Tracking::Deadline => None,
+                };
+                update.execute(params![
+                    rowid,
+                    status.as_str(),
+                    provider_status,
+                    detail_json,
+                    error,
+                    api_calls,
+                    p.tracking.as_str(),
+                    next_poll_at,
+                    run_id,
+                    to_ms(p.observed_at),
+                ])?;
+
+                // Every earlier poll stored its (status, tracking) observation, so an
+                // unchanged pair has its row already.
+                if unchanged {
+                    continue;
+                }
+                let (input, first_seen_at) =
+                    order_facts.query_row([rowid], |r| Ok((r.get::<_, String>(0)?, r.get(1)?)))?;
+                let input = serde_json::from_str(&input).map_err(|e| {
+                    StateError::Corrupt(format!("input columns of {order_no}: {e}"))
+                })?;
+                let obs = observation(p, api_calls, input, from_ms(first_seen_at)?);
+                let row = serde_json::to_string(&obs)
+                    .map_err(|e| StateError::Corrupt(format!("observation of {order_no}: {e}")))?;
+                observe.execute(params![
+                    provider,
+                    order_no,
+                    status.as_str(),
+                    p.tracking.as_str(),
+                    row
+                ])?;
+            }
+            Ok(())
+        })
+    }
+
+    fn release(&self, provider: ProviderKind, orders: &[OrderNo]) -> Result<(), StateError> {
+        self.write(|tx| {
+            let mut release = tx.prepare_cached(
+                "UPDATE orders SET lease_until = NULL WHERE provider = ?1 AND order_no = ?2",
+            )?;
+            for o in orders {
+                release.execute(params![provider.as_str(), o.as_str()])?;
+            }
+            Ok(())
+        })
+    }
+
+    fn stage_batch(&self, name: &str, now: DateTime<Utc>) -> Result<Option<Batch>, StateError> {
+        self.write_synced(|tx| {
+            let pending: bool = tx.query_row(
+                "SELECT EXISTS (SELECT 1 FROM observations WHERE batch_id IS NULL)",
+                [],
+                |r| r.get(0),
+            )?;
+            if !pending {
+                return Ok(None);
+            }
+            tx.execute(
+                "INSERT INTO batches (name, state, rows, created_at) VALUES (?1, 'staged', 0, ?2)",
+                params![name, to_ms(now)],
+            )?;
+            let id = tx.last_insert_rowid();
+            let rows = tx.execute(
+                "UPDATE observations SET batch_id = ?1 WHERE batch_id IS NULL",
+                [id],
+            )?;
+            tx.execute(
+                "UPDATE batches SET rows = ?2 WHERE id = ?1",
+                params![id, rows as i64],
+            )?;
+            Ok(Some(Batch {
+                id,
+                name: name.to_owned(),
+                rows: rows as u64,
+                created_at: from_ms(to_ms(now))?,
+            }))
+        })
+    }
+
+    fn open_batches(&self) -> Result<Vec<Batch>, StateError> {
+        self.read(|tx| {
+            let mut stmt = tx.prepare_cached(
+                "SELECT id, name, rows, created_at FROM batches WHERE state = 'staged' ORDER BY id",
+            )?;
+            let mut rows = stmt.query([])?;
+            let mut out = Vec::new();
+            while let Some(r) = rows.next()? {
+                out.push(Batch {
+                    id: r.get(0)?,
+                    name: text(r.get_ref(1)?, "batch name")?.to_owned(),
+                    rows: parse_u64("batch rows", r.get(2)?)?,
+                    created_at: from_ms(r.get(3)?)?,
+                });
+            }
+            Ok(out)
+        })
+    }
+
+    /// Streams the rows in `seq` order. `visit` runs while the store is locked: it
+    /// must not call back into the store.
+    fn visit_batch(
+        &self,
+        batch_id: i64,
+        visit: &mut dyn FnMut(Observation) -> Result<(), StateError>,
+    ) -> Result<(), StateError> {
+        self.read(|tx| {
+            let mut stmt = tx.prepare_cached(
+                "SELECT seq, row FROM observations WHERE batch_id = ?1 ORDER BY seq",
+            )?;
+            let mut rows = stmt.query([batch_id])?;
+            while let Some(r) = rows.next()? {
+                let seq: i64 = r.get(0)?;
+                let obs = serde_json::from_str(text(r.get_ref(1)?, "observation row")?)
+                    .map_err(|e| StateError::Corrupt(format!("observation {seq}: {e}")))?;
+                visit(obs)?;
+            }
+            Ok(())
+        })
+    }
+
+    fn commit_batch(&self, batch_id: i64, now: DateTime<Utc>) -> Result<(), StateError> {
+        self.write_synced(|tx| {
+            let changed = tx.execute(
+                "UPDATE batches SET state = 'committed', committed_at = ?2 WHERE id = ?1",
+                params![batch_id, to_ms(now)],
+            )?;
+            if changed == 0 {
+                return Err(StateError::Corrupt(format!(
+                    "batch {batch_id} to commit does not exist"
+                )));
+            }
+            Ok(())
+        })
+    }
+
+    fn start_run(&self, run_id: &str, command: &str, now: DateTime<Utc>) -> Result<(), StateError> {
+        self.write(|tx| {
+            tx.execute(
+                "INSERT INTO runs (run_id, command, started_at) VALUES (?1, ?2, ?3)",
+                params![run_id, command, to_ms(now)],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn finish_run(
+        &self,
+        run_id: &str,
+        now: DateTime<Utc>,
+        summary: &serde_json::Value,
+    ) -> Result<(), StateError> {
+        let summary = summary.to_string();
+        self.write(|tx| {
+            // A run that was never started is recorded as started when it finished.
+            tx.execute(
+                "INSERT INTO runs (run_id, command, started_at, finished_at, summary)
+                 VALUES (?1, '', ?2, ?2, ?3)
+                 ON CONFLICT (run_id) DO UPDATE
+                 SET finished_at = excluded.finished_at, summary = excluded.summary",
+                params![run_id, to_ms(now), summary],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn run_status_counts(&self, run_id: &str) -> Result<Vec<(PayStatus, u64)>, StateError> {
+        self.read(|tx| {
+            let mut stmt = tx.prepare_cached(
+                "SELECT status, COUNT(*) FROM orders
+                 WHERE last_run = ?1 AND status IS NOT NULL
+                 GROUP BY status",
+            )?;
+            let mut rows = stmt.query([run_id])?;
+            let mut out = Vec::new();
+            while let Some(r) = rows.next()? {
+                out.push((
+                    parse_status(text(r.get_ref(0)?, "status")?)?,
+                    parse_u64("count", r.get(1)?)?,
+                ));
+            }
+            out.sort_by_key(|(status, _)| *status);
+            Ok(out)
+        })
+    }
+
+    fn tracked_count(&self, provider: ProviderKind) -> Result<u64, StateError> {
+        self.read(|tx| {
+            let n: i64 = tx
+                .prepare_cached(
+                    "SELECT COUNT(*) FROM orders WHERE provider = ?1 AND tracking = 'polling'",
+                )?
+                .query_row([provider.as_str()], |r| r.get(0))?;
+            parse_u64("count", n)
+        })
+    }
+
+    fn status_report(&self, last_runs: usize) -> Result<StatusReport, StateError> {
+        self.read(|tx| {
+            let providers: Vec<String> = tx
+                .prepare("SELECT DISTINCT provider FROM orders LIMIT 2")?
+                .query_map([], |r| r.get(0))?
+                .collect::<Result<_, _>>()?;
+            let provider = match providers.as_slice() {
+                [only] => Some(only.clone()),
+                _ => None,
+            };
+
+            let mut by_status = Vec::new();
+            let mut stmt = tx.prepare(
+                "SELECT COALESCE(status, ?1), tracking, COUNT(*) FROM orders
+                 GROUP BY 1, 2 ORDER BY 1, 2",
+            )?;
+            let mut rows = stmt.query([NOT_POLLED])?;
+            while let Some(r) = rows.next()? {
+                by_status.push(StatusCount {
+                    status: text(r.get_ref(0)?, "status")?.to_owned(),
+                    tracking: text(r.get_ref(1)?, "tracking")?.to_owned(),
+                    orders: parse_u64("count", r.get(2)?)?,
+                });
+            }
+
+            let oldest = tx
+                .query_row(
+                    "SELECT order_no, COALESCE(status, ?1), first_seen_at, next_poll_at
+                     FROM orders WHERE tracking = 'polling'
+                     ORDER BY first_seen_at, rowid LIMIT 1",
+                    [NOT_POLLED],
+                    |r| {
+                        Ok((
+                            r.get::<_, String>(0)?,
+                            r.get::<_, String>(1)?,
+                            r.get::<_, i64>(2)?,
+                            r.get::<_, Option<i64>>(3)?,
+                        ))
+                    },
+                )
+                .optional()?;
+            let oldest_unsettled = oldest
+                .map(|(order_no, status, first_seen_at, next_poll_at)| {
+                    Ok::<_, StateError>(OldestUnsettled {
+                        order_no,
+                        status,
+                        first_seen_at: from_ms(first_seen_at)?,
+                        next_poll_at: next_poll_at.map(from_ms).transpose()?,
+                    })
+                })
+                .transpose()?;
+
+            let unexported: i64 = tx.query_row(
+                "SELECT COUNT(*) FROM observations WHERE batch_id IS NULL",
+                [],
+                |r| r.get(0),
+            )?;
+
+            let mut runs = Vec::new();
+            let mut stmt = tx.prepare(
+                "SELECT run_id, command, started_at, finished_at, summary FROM runs
+                 ORDER BY started_at DESC, rowid DESC LIMIT ?1",
+            )?;
+            let mut rows = stmt.query([i64::try_from(last_runs).unwrap_or(i64::MAX)])?;
+            while let Some(r) = rows.next()? {
+                let run_id: String = r.get(0)?;
+                let summary = match r.get_ref(4)? {
+                    ValueRef::Null => serde_json::Value::Null,
+                    v => serde_json::from_str(text(v, "run summary")?).map_err(|e| {
+                        StateError::Corrupt(format!("summary of run {run_id}: {e}"))
+                    })?,
+                };
+                runs.push(RunRecord {
+                    command: r.get(1)?,
+                    started_at: from_ms(r.get(2)?)?,
+                    finished_at: r.get::<_, Option<i64>>(3)?.map(from_ms).transpose()?,
+                    summary,
+                    run_id,
+                });
+            }
+
+            Ok(StatusReport {
+                provider,
+                by_status,
+                oldest_unsettled,
+                unexported_rows: parse_u64("count", unexported)?,
+                last_runs: runs,
+            })
+        })
+    }
+
+    fn queue_position(&self, path: &str) -> Result<Option<QueuePosition>, StateError> {
+        self.read(|tx| {
+            let found = tx
+                .prepare_cached("SELECT identity, offset FROM queue_positions WHERE path = ?1")?
+                .query_row([path], |r| {
+                    Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?))
+                })
+                .optional()?;
+            found
+                .map(|(identity, offset)| {
+                    Ok(QueuePosition {
+                        path: path.to_owned(),
+                        identity,
+                        offset: parse_u64("queue offset", offset)?,
+                    })
+                })
+                .transpose()
+        })
+    }
+}
+
+fn save_queue_position(tx: &Transaction<'_>, q: &QueuePosition) -> Result<(), StateError> {
+    tx.prepare_cached(
+        "INSERT INTO queue_positions (path, identity, offset) VALUES (?1, ?2, ?3)
+         ON CONFLICT (path) DO UPDATE SET identity = excluded.identity, offset = excluded.offset",
+    )?
+    .execute(params![
+        q.path,
+        q.identity,
+        to_i64("queue offset", q.offset)?
+    ])?;
+    Ok(())
+}
+
+/// The output row for poll `p` of an order with `api_calls` calls so far.
+fn observation(
+    p: &PollRecord,
+    api_calls: u32,
+    input: Vec<(String, String)>,
+    first_seen_at: DateTime<Utc>,
+) -> Observation {
+    let status = p.outcome.status();
+    let (d, error) = match &p.outcome {
+        PollOutcome::Detail(d) => (d.clone(), None),
+        PollOutcome::Failed { reason, .. } => (PayDetail::new("", status), Some(reason.clone())),
+    };
+    Observation {
+        provider: p.provider.as_str().to_owned(),
+        order_no: p.order_no.as_str().to_owned(),
+        status,
+        provider_status: d.provider_status,
+        settled: p.tracking == Tracking::Settled,
+        tracking: p.tracking,
+        amount: d.amount,
+        currency: d.currency,
+        quote_amount: d.quote_amount,
+        quote_currency: d.quote_currency,
+        expected_amount: d.expected_amount,
+        payment_no: d.payment_no,
+        payment_method: d.payment_method,
+        tx_hash: d.tx_hash,
+        from_address: d.from_address,
+        to_address: d.to_address,
+        chain_id: d.chain_id,
+        paid_account: d.paid_account,
+        created_at: d.created_at,
+        paid_at: d.paid_at,
+        observed_at: p.observed_at,
+        first_seen_at,
+        polls: api_calls,
+        error,
+        input,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use tempfile::TempDir;
+
+    const PP: ProviderKind = ProviderKind::PayProtocol;
+
+    /// A fresh store in a temporary directory (kept alive by the returned `TempDir`).
+    fn store() -> (TempDir, SqliteStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("state/paysync.db")).unwrap();
+        (dir, store)
+    }
+
+    /// A fixed instant plus `secs` seconds.
+    fn at(secs: i64) -> DateTime<Utc> {
+        DateTime::from_timestamp(1_700_000_000 + secs, 0).unwrap()
+    }
+
+    fn no(s: &str) -> OrderNo {
+        OrderNo::parse(s).unwrap()
+    }
+
+    fn new_order(order_no: &str, line: u64) -> NewOrder {
+        NewOrder {
+            provider: PP,
+            order_no: no(order_no),
+            payment_no: Some(format!("pay-{order_no}")),
+            input: vec![
+                ("order_no".into(), order_no.into()),
+                ("customer".into(), "ACME".into()),
+                ("amount".into(), "=1+1".into()),
+            ],
+            source: "in.csv".into(),
+            line,
+        }
+    }
+
+    fn add(store: &SqliteStore, run: &str, nos: &[&str], now: DateTime<Utc>) -> Vec<Admission> {
+        let orders: Vec<_> = nos
+            .iter()
+            .enumerate()
+            .map(|(i, n)| new_order(n, i as u64 + 2))
+            .collect();
+        store.add_orders(run, &orders, now, None).unwrap()
+    }
+
+    /// A successful poll of `order_no` that found `status`.
+    fn poll(
+        order_no: &str,
+        status: PayStatus,
+        tracking: Tracking,
+        observed: DateTime<Utc>,
+    ) -> PollRecord {
+        let mut d = PayDetail::new(format!("raw-{}", status.as_str()), status);
+        d.amount = Some(crate::model::Amount::parse_decimal("1.000000").unwrap());
+        d.currency = Some("USDT".into());
+        d.payment_no = Some("P-1".into());
+        PollRecord {
+            provider: PP,
+            order_no: no(order_no),
+            observed_at: observed,
+            attempts: 1,
+            outcome: PollOutcome::Detail(d),
+            tracking,
+            next_poll_at: (tracking == Tracking::Polling)
+                .then(|| observed + chrono::Duration::seconds(60)),
+        }
+    }
+
+    fn batch_rows(store: &SqliteStore, id: i64) -> Vec<Observation> {
+        let mut rows = Vec::new();
+        store
+            .visit_batch(id, &mut |o| {
+                rows.push(o);
+                Ok(())
+            })
+            .unwrap();
+        rows
+    }
+
+    /// The lock file makes a second open of the same state fail with `Locked`, even
+    /// inside one process (flock locks belong to the open file description); once the
+    /// first store is dropped the state opens again.
+    #[test]
+    fn second_open_is_locked_until_first_is_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("paysync.db");
+        let first = SqliteStore::open(&path).unwrap();
+        match SqliteStore::open(&path) {
+            Err(StateError::Locked { path: p, lock }) => {
+                assert_eq!(p, path);
+                assert_eq!(lock, dir.path().join("paysync.db.lock"));
+            }
+            other => panic!("expected Locked, got {other:?}"),
+        }
+        drop(first);
+        SqliteStore::open(&path).unwrap();
+    }
+
+    /// A state file written by a newer paysync (higher `user_version`) is refused.
+    #[test]
+    fn newer_schema_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("paysync.db");
+        drop(SqliteStore::open(&path).unwrap());
+        Connection::open(&path)
+            .unwrap()
+            .pragma_update(None, "user_version", SCHEMA_VERSION + 1)
+            .unwrap();
+        match SqliteStore::open(&path) {
+            Err(StateError::NewerSchema {
+                found, supported, ..
+            }) => {
+                assert_eq!(found, SCHEMA_VERSION + 1);
+                assert_eq!(supported, SCHEMA_VERSION);
+            }
+            other => panic!("expected NewerSchema, got {other:?}"),
+        }
+    }
+
+    /// Reopening a current state file keeps its data and does not re-run migrations.
+    #[test]
+    fn reopen_keeps_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("paysync.db");
+        let s = SqliteStore::open(&path).unwrap();
+        add(&s, "r1", &["A"], at(0));
+        drop(s);
+        let s = SqliteStore::open(&path).unwrap();
+        assert_eq!(s.tracked_count(PP).unwrap(), 1);
+        assert_eq!(s.path(), path);
+    }
+
+    /// The database, its WAL and the lock file are readable by their owner only.
+    #[cfg(unix)]
+    #[test]
+    fn files_are_owner_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let (dir, s) = store();
+        add(&s, "r1", &["A"], at(0));
+        for name in ["paysync.db", "paysync.db.lock", "paysync.db-wal"] {
+            let mode = fs::metadata(dir.path().join("state").join(name))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600, "{name}");
+        }
+    }
+
+    /// Admission: new orders are `New`; a repeat in the same run is a `Duplicate`
+    /// naming where it was first read (also within one call); in a later run, `Known`.
+    #[test]
+    fn admissions_new_duplicate_known() {
+        let (_dir, s) = store();
+        assert_eq!(
+            add(&s, "r1", &["A", "B", "A"], at(0)),
+            vec![
+                Admission::New,
+                Admission::New,
+                Admission::Duplicate {
+                    source: "in.csv".into(),
+                    line: 2
+                }
+            ]
+        );
+        assert_eq!(
+            add(&s, "r1", &["B", "C"], at(1)),
+            vec![
+                Admission::Duplicate {
+                    source: "in.csv".into(),
+                    line: 3
+                },
+                Admission::New
+            ]
+        );
+        assert_eq!(
+            add(&s, "r2", &["A", "D"], at(2)),
+            vec![Admission::Known, Admission::New]
+        );
+        // The same order number under another provider is another order.
+        let mut other = new_order("A", 9);
+        other.provider = ProviderKind::GenAuth;
+        assert_eq!(
+            s.add_orders("r2", &[other], at(3), None).unwrap(),
+            vec![Admission::New]
+        );
+        assert_eq!(s.tracked_count(PP).unwrap(), 4);
+        assert_eq!(s.tracked_count(ProviderKind::GenAuth).unwrap(), 1);
+    }
+
+    /// A queue file's read position is saved in the same transaction as the orders
+    /// read from it, and a later save replaces it.
+    #[test]
+    fn queue_position_saved_with_orders() {
+        let (_dir, s) = store();
+        assert_eq!(s.queue_position("queue.txt").unwrap(), None);
+        let pos = QueuePosition {
+            path: "queue.txt".into(),
+            identity: "2049:1234".into(),
+            offset: 42,
+        };
+        s.add_orders("r1", &[new_order("A", 1)], at(0), Some(&pos))
+            .unwrap();
+        assert_eq!(s.queue_position("queue.txt").unwrap(), Some(pos.clone()));
+
+        let moved = QueuePosition {
+            offset: 84,
+            ..pos.clone()
+        };
+        s.add_orders("r1", &[new_order("B", 2)], at(1), Some(&moved))
+            .unwrap();
+        assert_eq!(s.queue_position("queue.txt").unwrap(), Some(moved.clone()));
+
+        // A failing add (a line number SQLite cannot store) saves neither orders nor
+        // the position.
+        let bad = NewOrder {
+            line: u64::MAX,
+            ..new_order("C", 0)
+        };
+        let further = QueuePosition { offset: 126, ..pos };
+        assert!(
+            s.add_orders("r1", &[new_order("D", 3), bad], at(2), Some(&further))
+                .is_err()
+        );
+        assert_eq!(s.queue_position("queue.txt").unwrap(), Some(moved));
+        assert_eq!(s.tracked_count(PP).unwrap(), 2);
+    }
+
+    /// Claiming: due orders come earliest first, up to `limit`; a claimed order is not
+    /// claimed again until its lease ends, its poll is recorded or it is released;
+    /// `next_due_at` ignores leased orders.
+    #[test]
+    fn claim_due_leases_orders() {
+        let (_dir, s) = store();
+        let lease = Duration::from_secs(300);
+        add(&s, "r1", &["late"], at(10));
+        add(&s, "r1", &["early"], at(0));
+        add(&s, "r1", &["mid"], at(5));
+        assert_eq!(s.next_due_at(PP).unwrap(), Some(at(0)));
+        assert!(s.claim_due(PP, at(-1), 10, lease).unwrap().is_empty());
+
+        let claimed = s.claim_due(PP, at(20), 2, lease).unwrap();
+        let names: Vec<_> = claimed.iter().map(|d| d.order_no.as_str()).collect();
+        assert_eq!(names, ["early", "mid"]);
+        assert_eq!(claimed[0].payment_no.as_deref(), Some("pay-early"));
+        assert_eq!(claimed[0].first_seen_at, at(0));
+        assert_eq!(claimed[0].polls, 0);
+        assert_eq!(claimed[0].status, None);
+        assert_eq!(s.next_due_at(PP).unwrap(), Some(at(10)));
+
+        // Leased orders are skipped; the rest is claimed.
+        let rest = s.claim_due(PP, at(21), 10, lease).unwrap();
+        assert_eq!(rest.len(), 1);
+        assert_eq!(rest[0].order_no.as_str(), "late");
+        assert!(s.claim_due(PP, at(22), 10, lease).unwrap().is_empty());
+        assert_eq!(s.next_due_at(PP).unwrap(), None);
+
+        // Released: claimable again. Recorded: due at its next poll time.
+        s.release(PP, &[no("late")]).unwrap();
+        s.record_polls(
+            "r1",
+            &[poll("early", PayStatus::Pending, Tracking::Polling, at(30))],
+        )
+        .unwrap();
+        assert_eq!(s.next_due_at(PP).unwrap(), Some(at(10)));
+        let again = s.claim_due(PP, at(100), 10, lease).unwrap();
+        let names: Vec<_> = again.iter().map(|d| d.order_no.as_str()).collect();
+        assert_eq!(names, ["late", "early"]);
+        assert_eq!(again[1].polls, 1);
+        assert_eq!(again[1].status, Some(PayStatus::Pending));
+
+        // "mid" is still leased until at(320); after that it is claimable again.
+        assert!(s.claim_due(PP, at(319), 10, lease).unwrap().is_empty());
+        let expired = s.claim_due(PP, at(320), 10, lease).unwrap();
+        assert_eq!(expired.len(), 1);
+        assert_eq!(expired[0].order_no.as_str(), "mid");
+    }
+
+    /// Leases left by a crashed process are cleared when the state is opened again.
+    #[test]
+    fn open_clears_leases() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("paysync.db");
+        let s = SqliteStore::open(&path).unwrap();
+        add(&s, "r1", &["A"], at(0));
+        assert_eq!(
+            s.claim_due(PP, at(1), 10, Duration::from_secs(3600))
+                .unwrap()
+                .len(),
+            1
+        );
+        drop(s);
+        let s = SqliteStore::open(&path).unwrap();
+        assert_eq!(
+            s.claim_due(PP, at(2), 10, Duration::from_secs(1))
+                .unwrap()
+                .len(),
+            1
+        );
+    }
+
+    /// One observation row per (status, tracking) pair: polling `pending` twice gives
+    /// one row, then `paid`/`settled` a second; `polls` counts API calls; rows carry
+    /// the detail, the input columns in order and the first-seen time.
+    #[test]
+    fn record_polls_observes_each_pair_once() {
+        let (_dir, s) = store();
+        add(&s, "r1", &["A"], at(0));
+        s.record_polls(
+            "r1",
+            &[poll("A", PayStatus::Pending, Tracking::Polling, at(1))],
+        )
+        .unwrap();
+        let mut second = poll("A", PayStatus::Pending, Tracking::Polling, at(61));
+        second.attempts = 3;
+        s.record_polls("r1", &[second]).unwrap();
+        s.record_polls(
+            "r2",
+            &[poll("A", PayStatus::Paid, Tracking::Settled, at(121))],
+        )
+        .unwrap();
+        // A settled order is no longer tracked nor due.
+        assert_eq!(s.tracked_count(PP).unwrap(), 0);
+        assert_eq!(s.next_due_at(PP).unwrap(), None);
+
+        let batch = s.stage_batch("b1", at(200)).unwrap().unwrap();
+        assert_eq!(batch.rows, 2);
+        let rows = batch_rows(&s, batch.id);
+        assert_eq!(rows.len(), 2);
+        let (pending, paid) = (&rows[0], &rows[1]);
+        assert_eq!(pending.status, PayStatus::Pending);
+        assert_eq!(pending.tracking, Tracking::Polling);
+        assert!(!pending.settled);
+        assert_eq!(pending.polls, 1);
+        assert_eq!(pending.observed_at, at(1));
+        assert_eq!(paid.status, PayStatus::Paid);
+        assert_eq!(paid.tracking, Tracking::Settled);
+        assert!(paid.settled);
+        assert_eq!(paid.polls, 5, "1 + 3 + 1 API calls");
+        assert_eq!(paid.provider, "payprotocol");
+        assert_eq!(paid.order_no, "A");
+        assert_eq!(paid.provider_status, "raw-paid");
+        assert_eq!(paid.amount.as_ref().unwrap().as_str(), "1.000000");
+        assert_eq!(paid.payment_no.as_deref(), Some("P-1"));
+        assert_eq!(paid.first_seen_at, at(0));
+        assert_eq!(paid.error, None);
+        assert_eq!(paid.input, new_order("A", 0).input);
+
+        // The same pair in a later run (say, a re-poll) writes nothing new.
+        s.record_polls(
+            "r3",
+            &[poll("A", PayStatus::Paid, Tracking::Settled, at(300))],
+        )
+        .unwrap();
+        assert_eq!(s.stage_batch("b2", at(301)).unwrap(), None);
+        assert_eq!(
+            s.run_status_counts("r3").unwrap(),
+            vec![(PayStatus::Paid, 1)]
+        );
+        assert!(s.run_status_counts("r1").unwrap().is_empty());
+    }
+
+    /// A failed poll is observed as its status with the reason in `error`, no
+    /// provider fields, and stays tracked; a deadline is its own observation.
+    #[test]
+    fn failed_polls_and_deadlines_are_observed() {
+        let (_dir, s) = store();
+        add(&s, "r1", &["A"], at(0));
+        let failed = PollRecord {
+            provider: PP,
+            order_no: no("A"),
+            observed_at: at(1),
+            attempts: 6,
+            outcome: PollOutcome::Failed {
+                status: PayStatus::Error,
+                reason: "server error 503".into(),
+            },
+            tracking: Tracking::Polling,
+            next_poll_at: Some(at(61)),
+        };
+        s.record_polls("r1", &[failed]).unwrap();
+        assert_eq!(s.tracked_count(PP).unwrap(), 1);
+        s.record_polls(
+            "r1",
+            &[poll("A", PayStatus::Pending, Tracking::Deadline, at(62))],
+        )
+        .unwrap();
+        assert_eq!(s.tracked_count(PP).unwrap(), 0);
+
+        let batch = s.stage_batch("b1", at(100)).unwrap().unwrap();
+        let rows = batch_rows(&s, batch.id);
+        assert_eq!(rows.len(), 2);
+        assert_eq!(rows[0].status, PayStatus::Error);
+        assert_eq!(rows[0].error.as_deref(), Some("server error 503"));
+        assert_eq!(rows[0].provider_status, "");
+        assert_eq!(rows[0].amount, None);
+        assert_eq!(rows[0].polls, 6);
+        assert_eq!(rows[1].tracking, Tracking::Deadline);
+        assert!(!rows[1].settled);
+        assert_eq!(rows[1].polls, 7);
+    }
+
+    /// Recording a poll for an order that was never registered fails the whole call
+    /// and changes nothing.
+    #[test]
+    fn record_polls_for_unknown_order_fails_atomically() {
+        let (_dir, s) = store();
+        add(&s, "r1", &["A"], at(0));
+        let err = s
+            .record_polls(
+                "r1",
+                &[
+                    poll("A", PayStatus::Paid, Tracking::Settled, at(1)),
+                    poll("ghost", PayStatus::Paid, Tracking::Settled, at(1)),
+                ],
+            )
+            .unwrap_err();
+        assert!(matches!(err, StateError::Corrupt(_)), "{err:?}");
+        assert_eq!(s.tracked_count(PP).unwrap(), 1);
+        assert_eq!(s.stage_batch("b", at(2)).unwrap(), None);
+    }
+
+    /// Export batches: staging takes every unexported row; a staged batch stays open
+    /// (listed, visited in the same order every time) until committed; a later stage
+    /// takes only rows recorded since.
+    #[test]
+    fn batches_stage_visit_commit() {
+        let (_dir, s) = store();
+        assert_eq!(s.stage_batch("empty", at(0)).unwrap(), None);
+        add(&s, "r1", &["A", "B", "C"], at(0));
+        let polls: Vec<_> = ["A", "B", "C"]
+            .iter()
+            .map(|n| poll(n, PayStatus::Pending, Tracking::Polling, at(1)))
+            .collect();
+        s.record_polls("r1", &polls).unwrap();
+
+        let b1 = s.stage_batch("paysync-r1", at(2)).unwrap().unwrap();
+        assert_eq!(b1.name, "paysync-r1");
+        assert_eq!(b1.rows, 3);
+        assert_eq!(b1.created_at, at(2));
+        assert_eq!(s.open_batches().unwrap(), vec![b1.clone()]);
+        let first = batch_rows(&s, b1.id);
+        assert_eq!(
+            first
+                .iter()
+                .map(|o| o.order_no.as_str())
+                .collect::<Vec<_>>(),
+            ["A", "B", "C"]
+        );
+        assert_eq!(batch_rows(&s, b1.id), first, "visiting is repeatable");
+        assert_eq!(s.status_report(0).unwrap().unexported_rows, 0);
+
+        // New rows while b1 is open go to the next batch, not to b1.
+        s.record_polls(
+            "r2",
+            &[poll("B", PayStatus::Paid, Tracking::Settled, at(3))],
+        )
+        .unwrap();
+        assert_eq!(s.status_report(0).unwrap().unexported_rows, 1);
+        s.commit_batch(b1.id, at(4)).unwrap();
+        assert!(s.open_batches().unwrap().is_empty());
+
+        let b2 = s.stage_batch("paysync-r2", at(5)).unwrap().unwrap();
+        assert_eq!(b2.rows, 1);
+        let rows = batch_rows(&s, b2.id);
+        assert_eq!(rows.len(), 1);
+        assert_eq!(
+            (rows[0].order_no.as_str(), rows[0].status),
+            ("B", PayStatus::Paid)
+        );
+        assert_eq!(s.open_batches().unwrap(), vec![b2.clone()]);
+        s.commit_batch(b2.id, at(6)).unwrap();
+        assert_eq!(s.stage_batch("paysync-r3", at(7)).unwrap(), None);
+
+        // Committing a batch that does not exist is an error, not a silent no-op.
+        assert!(s.commit_batch(999, at(8)).is_err());
+    }
+
+    /// A visitor's error stops the visit and is returned as is.
+    #[test]
+    fn visit_batch_stops_on_visitor_error() {
+        let (_dir, s) = store();
+        add(&s, "r1", &["A", "B"], at(0));
+        s.record_polls(
+            "r1",
+            &[
+                poll("A", PayStatus::Paid, Tracking::Settled, at(1)),
+                poll("B", PayStatus::Paid, Tracking::Settled, at(1)),
+            ],
+        )
+        .unwrap();
+        let b = s.stage_batch("b", at(2)).unwrap().unwrap();
+        let mut seen = 0;
+        let err = s
+            .visit_batch(b.id, &mut |_| {
+                seen += 1;
+                Err(StateError::Corrupt("disk full".into()))
+            })
+            .unwrap_err();
+        assert!(matches!(err, StateError::Corrupt(m) if m == "disk full"));
+        assert_eq!(seen, 1);
+    }
+
+    /// The status report: orders by status and tracking (unpolled ones as
+    /// `not_polled`), the oldest tracked order, unexported rows and the last runs,
+    /// newest first with their summaries.
+    #[test]
+    fn status_report_summarizes_state() {
+        let (_dir, s) = store();
+        s.start_run("r1", "run", at(0)).unwrap();
+        add(&s, "r1", &["old"], at(0));
+        add(&s, "r1", &["A", "B", "C"], at(10));
+        s.record_polls(
+            "r1",
+            &[
+                poll("A", PayStatus::Paid, Tracking::Settled, at(11)),
+                poll("B", PayStatus::Paid, Tracking::Settled, at(11)),
+                poll("C", PayStatus::Pending, Tracking::Polling, at(11)),
+            ],
+        )
+        .unwrap();
+        s.finish_run("r1", at(20), &serde_json::json!({"exit_code": 0}))
+            .unwrap();
+        s.start_run("r2", "daemon", at(30)).unwrap();
+
+        let r = s.status_report(5).unwrap();
+        assert_eq!(r.provider.as_deref(), Some("payprotocol"));
+        let counts: Vec<_> = r
+            .by_status
+            .iter()
+            .map(|c| (c.status.as_str(), c.tracking.as_str(), c.orders))
+            .collect();
+        assert_eq!(
+            counts,
+            [
+                ("not_polled", "polling", 1),
+                ("paid", "settled", 2),
+                ("pending", "polling", 1)
+            ]
+        );
+        let oldest = r.oldest_unsettled.unwrap();
+        assert_eq!(oldest.order_no, "old");
+        assert_eq!(oldest.status, "not_polled");
+        assert_eq!(oldest.first_seen_at, at(0));
+        assert_eq!(oldest.next_poll_at, Some(at(0)));
+        assert_eq!(r.unexported_rows, 3);
+        let runs: Vec<_> = r.last_runs.iter().map(|r| r.run_id.as_str()).collect();
+        assert_eq!(runs, ["r2", "r1"]);
+        assert_eq!(r.last_runs[0].command, "daemon");
+        assert_eq!(r.last_runs[0].finished_at, None);
+        assert_eq!(r.last_runs[0].summary, serde_json::Value::Null);
+        assert_eq!(r.last_runs[1].finished_at, Some(at(20)));
+        assert_eq!(r.last_runs[1].summary["exit_code"], 0);
+
+        assert_eq!(s.status_report(1).unwrap().last_runs.len(), 1);
+        assert_eq!(
+            s.run_status_counts("r1").unwrap(),
+            vec![(PayStatus::Pending, 1), (PayStatus::Paid, 2)]
+        );
+    }
+
+    /// Throughput at scale: per-order cost of each call with batches of 1000 orders.
+    /// Run with `cargo test --release --lib state::sqlite::tests::per_order_cost --
+    /// --ignored --nocapture` (`PAYSYNC_BENCH_ORDERS` sets the order count).
+    #[test]
+    #[ignore = "benchmark"]
+    fn per_order_cost() {
+        use std::time::Instant;
+        let n: usize = std::env::var("PAYSYNC_BENCH_ORDERS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(200_000);
+        let chunk = 1000;
+        let (_dir, s) = store();
+        let names: Vec<String> = (0..n)
+            .map(|i| format!("ORD-{:09}", (i * 7919) % n))
+            .collect();
+        let report = |what: &str, t: Instant| {
+            let per = t.elapsed().as_secs_f64() * 1e6 / n as f64;
+            println!("{what:>14}: {per:6.2} µs/order ({:.2?} total)", t.elapsed());
+        };
+
+        let t = Instant::now();
+        for (c, names) in names.chunks(chunk).enumerate() {
+            let orders: Vec<_> = names.iter().map(|n| new_order(n, c as u64)).collect();
+            s.add_orders("bench", &orders, at(0), None).unwrap();
+        }
+        report("add_orders", t);
+
+        for (round, status, tracking) in [
+            (1, PayStatus::Pending, Tracking::Polling),
+            (2, PayStatus::Pending, Tracking::Polling),
+            (3, PayStatus::Paid, Tracking::Settled),
+        ] {
+            let now = at(round * 1000);
+            let (mut claim, mut record) = (Duration::ZERO, Duration::ZERO);
+            loop {
+                let t = Instant::now();
+                let due = s
+                    .claim_due(PP, now, chunk, Duration::from_secs(60))
+                    .unwrap();
+                claim += t.elapsed();
+                if due.is_empty() {
+                    break;
+                }
+                let polls: Vec<_> = due
+                    .iter()
+                    .map(|d| poll(d.order_no.as_str(), status, tracking, now))
+                    .collect();
+                let t = Instant::now();
+                s.record_polls("bench", &polls).unwrap();
+                record += t.elapsed();
+            }
+            let per = |d: Duration| d.as_secs_f64() * 1e6 / n as f64;
+            println!(
+                "round {round} ({status}/{tracking}): claim_due {:.2} µs/order, record_polls {:.2} µs/order",
+                per(claim),
+                per(record)
+            );
+        }
+
+        let t = Instant::now();
+        let b = s.stage_batch("bench", at(9999)).unwrap().unwrap();
+        report("stage_batch", t);
+        assert_eq!(b.rows as usize, 2 * n);
+        let t = Instant::now();
+        let mut rows = 0;
+        s.visit_batch(b.id, &mut |_| {
+            rows += 1;
+            Ok(())
+        })
+        .unwrap();
+        report("visit_batch", t);
+        assert_eq!(rows, 2 * n);
+        let t = Instant::now();
+        s.status_report(10).unwrap();
+        s.run_status_counts("bench").unwrap();
+        report("status+counts", t);
+    }
+}

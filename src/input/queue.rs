@@ -1,0 +1,422 @@
+//! Queue files: one order number per line, `#` comments and blank lines skipped,
+//! read whole ([`QueueRecords`]) or tailed from a byte offset ([`read_queue_from`]).
+//!
+//! - [`QueueRecords`]: an iterator of [`InputRecord`]s over a whole queue file.
+//! - [`QueueChunk`]: the complete lines found after an offset, and where to go on.
+//!
+//! Line numbers count every physical line (blank and comment lines too). A line
+//! longer than [`MAX_QUEUE_LINE`] bytes is rejected without being held in memory.
+
+use std::fs::File;
+use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use super::{InputError, InputRecord, RejectReason, open_file, parse_order, strip_line_end};
+
+const UTF8_BOM: &[u8] = b"\xEF\xBB\xBF";
+
+/// Longest queue line kept, in bytes; longer lines are rejected.
+pub const MAX_QUEUE_LINE: usize = 64 * 1024;
+
+/// What reading one physical line found.
+struct LineRead {
+    /// Bytes consumed, terminator included.
+    consumed: u64,
+    /// Whether the line ended with `\n` (otherwise the file ended first).
+    complete: bool,
+    /// Whether the line was longer than [`MAX_QUEUE_LINE`] (only a prefix is kept).
+    too_long: bool,
+}
+
+/// Reads one physical line into `buf` (at most `MAX_QUEUE_LINE + 1` bytes of it).
+/// `None` at the end of the file.
+fn read_line(reader: &mut impl BufRead, buf: &mut Vec<u8>) -> io::Result<Option<LineRead>> {
+    buf.clear();
+    let n = reader
+        .by_ref()
+        .take(MAX_QUEUE_LINE as u64 + 1)
+        .read_until(b'\n', buf)?;
+    if n == 0 {
+        return Ok(None);
+    }
+    if buf.ends_with(b"\n") {
+        return Ok(Some(LineRead {
+            consumed: n as u64,
+            complete: true,
+            too_long: false,
+        }));
+    }
+    if n <= MAX_QUEUE_LINE {
+        return Ok(Some(LineRead {
+            consumed: n as u64,
+            complete: false,
+            too_long: false,
+        }));
+    }
+    // Too long: skip the rest of the line without keeping it.
+    let mut consumed = n as u64;
+    loop {
+        let avail = reader.fill_buf()?;
+        if avail.is_empty() {
+            return Ok(Some(LineRead {
+                consumed,
+                complete: false,
+                too_long: true,
+            }));
+        }
+        if let Some(i) = avail.iter().position(|&b| b == b'\n') {
+            reader.consume(i + 1);
+            consumed += i as u64 + 1;
+            return Ok(Some(LineRead {
+                consumed,
+                complete: true,
+                too_long: true,
+            }));
+        }
+        let len = avail.len();
+        reader.consume(len);
+        consumed += len as u64;
+    }
+}
+
+/// Turns one queue line into a record; `None` for blank and comment lines.
+fn queue_record(source: &Arc<str>, line: u64, bytes: &[u8], too_long: bool) -> Option<InputRecord> {
+    let content = strip_line_end(bytes);
+    let trimmed = content.trim_ascii();
+    if trimmed.is_empty() || trimmed.starts_with(b"#") {
+        return None;
+    }
+    let parsed = if too_long {
+        Err(RejectReason::LineTooLong {
+            max: MAX_QUEUE_LINE,
+        })
+    } else {
+        match std::str::from_utf8(content) {
+            Ok(s) => parse_order(s, None),
+            Err(_) => Err(RejectReason::NotUtf8),
+        }
+    };
+    Some(InputRecord {
+        source: Arc::clone(source),
+        line,
+        raw: String::from_utf8_lossy(content).into_owned(),
+        columns: Vec::new(),
+        parsed,
+    })
+}
+
+/// The order numbers of a whole queue file, streamed. A last line without `\n`
+/// counts as a line.
+#[derive(Debug)]
+pub struct QueueRecords {
+    path: PathBuf,
+    source: Arc<str>,
+    reader: BufReader<File>,
+    buf: Vec<u8>,
+    /// Number of the next line to read.
+    line: u64,
+    done: bool,
+}
+
+impl QueueRecords {
+    pub(super) fn new(path: &Path, file: File) -> Self {
+        Self {
+            path: path.to_owned(),
+            source: Arc::from(path.display().to_string()),
+            reader: BufReader::with_capacity(64 * 1024, file),
+            buf: Vec::new(),
+            line: 1,
+            done: false,
+        }
+    }
+}
+
+impl Iterator for QueueRecords {
+    type Item = Result<InputRecord, InputError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        while !self.done {
+            let read = match read_line(&mut self.reader, &mut self.buf) {
+                Ok(Some(read)) => read,
+                Ok(None) => break,
+                Err(source) => {
+                    self.done = true;
+                    return Some(Err(InputError::Read {
+                        path: self.path.clone(),
+                        line: self.line,
+                        source,
+                    }));
+                }
+            };
+            let line = self.line;
+            self.line += 1;
+            if line == 1 && self.buf.starts_with(UTF8_BOM) {
+                self.buf.drain(..UTF8_BOM.len());
+            }
+            if let Some(rec) = queue_record(&self.source, line, &self.buf, read.too_long) {
+                return Some(Ok(rec));
+            }
+        }
+        self.done = true;
+        None
+    }
+}
+
+/// The complete lines of a queue file found after a byte offset.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueChunk {
+    /// Order lines read (blank and comment lines are consumed but not listed).
+    pub records: Vec<InputRecord>,
+    /// The byte after the last complete line consumed; a trailing line without
+    /// `\n` is not consumed (it may still be being written).
+    pub next_offset: u64,
+    /// Line number of the line at the offset actually read from.
+    pub first_line: u64,
+    /// Line number of the line at `next_offset`.
+    pub next_line: u64,
+    /// The file was shorter than the offset asked for (truncated or replaced), so
+    /// it was read from the start instead.
+    pub truncated: bool,
+    /// Everything complete up to the end of the file was consumed (fewer than
+    /// `max_lines` records were found).
+    pub at_end: bool,
+}
+
+/// Reads up to `max_lines` order lines from `path`, starting at byte `offset`
+/// (which should be the `next_offset` of an earlier chunk, or 0). Line numbers are
+/// absolute: the lines before `offset` are counted first. When the file is
+/// shorter than `offset` it is read from the start and `truncated` is set.
+pub fn read_queue_from(
+    path: &Path,
+    offset: u64,
+    max_lines: usize,
+) -> Result<QueueChunk, InputError> {
+    read_chunk(path, offset, None, max_lines)
+}
+
+/// Like [`read_queue_from`], when the caller knows the line number at `offset`
+/// (the `next_line` of an earlier chunk), which saves counting the lines before it.
+pub fn read_queue_from_line(
+    path: &Path,
+    offset: u64,
+    start_line: u64,
+    max_lines: usize,
+) -> Result<QueueChunk, InputError> {
+    read_chunk(path, offset, Some(start_line), max_lines)
+}
+
+fn read_chunk(
+    path: &Path,
+    offset: u64,
+    start_line: Option<u64>,
+    max_lines: usize,
+) -> Result<QueueChunk, InputError> {
+    let mut file = open_file(path)?;
+    let read_err = |line, source| InputError::Read {
+        path: path.to_owned(),
+        line,
+        source,
+    };
+    let len = file.metadata().map_err(|e| read_err(1, e))?.len();
+    let truncated = offset > len;
+    let (offset, start_line) = if truncated {
+        (0, 1)
+    } else {
+        match start_line {
+            Some(line) => (offset, line),
+            None => (
+                offset,
+                1 + count_lines_before(&mut file, offset).map_err(|e| read_err(1, e))?,
+            ),
+        }
+    };
+    file.seek(SeekFrom::Start(offset))
+        .map_err(|e| read_err(start_line, e))?;
+
+    let source: Arc<str> = Arc::from(path.display().to_string());
+    let mut reader = BufReader::with_capacity(64 * 1024, file);
+    let mut buf = Vec::new();
+    let mut chunk = QueueChunk {
+        records: Vec::new(),
+        next_offset: offset,
+        first_line: start_line,
+        next_line: start_line,
+        truncated,
+        at_end: false,
+    };
+    while chunk.records.len() < max_lines {
+        let read = match read_line(&mut reader, &mut buf) {
+            Ok(Some(read)) if read.complete => read,
+            Ok(_) => {
+                chunk.at_end = true;
+                break;
+            }
+            Err(e) => return Err(read_err(chunk.next_line, e)),
+        };
+        let line = chunk.next_line;
+        if chunk.next_offset == 0 && buf.starts_with(UTF8_BOM) {
+            buf.drain(..UTF8_BOM.len());
+        }
+        chunk.next_line += 1;
+        chunk.next_offset += read.consumed;
+        if let Some(rec) = queue_record(&source, line, &buf, read.too_long) {
+            chunk.records.push(rec);
+        }
+    }
+    Ok(chunk)
+}
+
+/// Counts the `\n` bytes in the first `offset` bytes of `file` (from its start).
+fn count_lines_before(file: &mut File, offset: u64) -> io::Result<u64> {
+    file.seek(SeekFrom::Start(0))?;
+    let mut reader = BufReader::with_capacity(64 * 1024, file.take(offset));
+    let mut lines = 0;
+    loop {
+        let avail = reader.fill_buf()?;
+        if avail.is_empty() {
+            return Ok(lines);
+        }
+        lines += avail.iter().filter(|&&b| b == b'\n').count() as u64;
+        let len = avail.len();
+        reader.consume(len);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::write_file;
+    use super::super::{InputSpec, open};
+    use super::*;
+    use crate::model::InvalidOrderNo;
+    use std::io::Write;
+
+    fn orders(recs: &[InputRecord]) -> Vec<(u64, String)> {
+        recs.iter()
+            .map(|r| match &r.parsed {
+                Ok((o, _)) => (r.line, o.to_string()),
+                Err(e) => (r.line, format!("reject: {e}")),
+            })
+            .collect()
+    }
+
+    fn read_all(bytes: &[u8]) -> Vec<InputRecord> {
+        let (_dir, path) = write_file("queue.txt", bytes);
+        open(&InputSpec::new(&path))
+            .unwrap()
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap()
+    }
+
+    /// Comments and blank lines are skipped but counted; CRLF and surrounding
+    /// spaces are tolerated; a last line without `\n` is read.
+    #[test]
+    fn comments_blank_crlf_and_last_line() {
+        let recs = read_all(b"# header\r\nA1\r\n\r\n  A2  \n   # indented\n\t\nA3");
+        assert_eq!(
+            orders(&recs),
+            vec![(2, "A1".into()), (4, "A2".into()), (7, "A3".into())]
+        );
+        assert_eq!(recs[0].raw, "A1");
+        assert!(recs[0].columns.is_empty());
+        assert_eq!(recs[0].parsed.as_ref().unwrap().1, None);
+    }
+
+    /// Bad lines are rejected with their reason and raw text; reading goes on.
+    #[test]
+    fn bad_lines_are_rejected() {
+        let recs = read_all(b"A 1\nB\xFF\nC\x01\nD\n");
+        assert_eq!(
+            orders(&recs),
+            vec![
+                (1, "reject: order number contains whitespace".into()),
+                (2, "reject: row is not valid UTF-8".into()),
+                (
+                    3,
+                    "reject: order number contains a control character".into()
+                ),
+                (4, "D".into()),
+            ]
+        );
+        assert_eq!(recs[1].raw, "B\u{FFFD}");
+        assert_eq!(
+            recs[2].parsed,
+            Err(RejectReason::OrderNo(InvalidOrderNo::Control))
+        );
+    }
+
+    /// A UTF-8 BOM at the start of a queue file is not part of the first line.
+    #[test]
+    fn bom_is_stripped() {
+        let recs = read_all(b"\xEF\xBB\xBFA1\nA2\n");
+        assert_eq!(orders(&recs), vec![(1, "A1".into()), (2, "A2".into())]);
+        let (_dir, path) = write_file("queue.txt", b"\xEF\xBB\xBFA1\n");
+        let c = read_queue_from(&path, 0, 10).unwrap();
+        assert_eq!(orders(&c.records), vec![(1, "A1".into())]);
+        assert_eq!(c.next_offset, 6);
+    }
+
+    /// A line longer than the limit is rejected without being kept whole.
+    #[test]
+    fn overlong_line_is_rejected() {
+        let mut data = "x".repeat(MAX_QUEUE_LINE * 3).into_bytes();
+        data.extend_from_slice(b"\nA2\n");
+        let recs = read_all(&data);
+        assert_eq!(recs.len(), 2);
+        assert_eq!(
+            recs[0].parsed,
+            Err(RejectReason::LineTooLong {
+                max: MAX_QUEUE_LINE
+            })
+        );
+        assert!(recs[0].raw.len() <= MAX_QUEUE_LINE + 1);
+        assert_eq!(orders(&recs[1..]), vec![(2, "A2".into())]);
+    }
+
+    /// Tailing: a partial last line is not consumed until its `\n` arrives;
+    /// offsets chain; line numbers stay absolute; `max_lines` bounds each chunk.
+    #[test]
+    fn read_from_offsets() {
+        let (_dir, path) = write_file("queue.txt", b"# q\nA1\r\n\nA2\nA3\nA4");
+        let c = read_queue_from(&path, 0, 2).unwrap();
+        assert_eq!(orders(&c.records), vec![(2, "A1".into()), (4, "A2".into())]);
+        assert_eq!((c.first_line, c.next_line, c.next_offset), (1, 5, 12));
+        assert!(!c.at_end && !c.truncated);
+
+        let c2 = read_queue_from(&path, c.next_offset, 10).unwrap();
+        assert_eq!(orders(&c2.records), vec![(5, "A3".into())]);
+        assert_eq!((c2.first_line, c2.next_offset), (5, 15));
+        assert!(c2.at_end);
+
+        // Same chunk when the caller passes the line number it knows.
+        let c3 = read_queue_from_line(&path, c.next_offset, c.next_line, 10).unwrap();
+        assert_eq!(c3, c2);
+
+        // Nothing new until the partial line is completed.
+        let c4 = read_queue_from(&path, c2.next_offset, 10).unwrap();
+        assert!(c4.records.is_empty());
+        assert_eq!(c4.next_offset, c2.next_offset);
+
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap();
+        f.write_all(b"5\nA6\n").unwrap();
+        let c5 = read_queue_from(&path, c4.next_offset, 10).unwrap();
+        assert_eq!(
+            orders(&c5.records),
+            vec![(6, "A45".into()), (7, "A6".into())]
+        );
+        assert_eq!(c5.next_offset, std::fs::metadata(&path).unwrap().len());
+    }
+
+    /// An offset past the end (the file was truncated) restarts from the top.
+    #[test]
+    fn truncated_file_restarts() {
+        let (_dir, path) = write_file("queue.txt", b"B1\n");
+        let c = read_queue_from(&path, 100, 10).unwrap();
+        assert!(c.truncated);
+        assert_eq!(orders(&c.records), vec![(1, "B1".into())]);
+        assert_eq!(c.next_offset, 3);
+    }
+}
