@@ -176,17 +176,12 @@ async fn run(args: RunArgs) -> Result<RunReport, RunError> {
     if let Some(f) = args.format {
         settings.output.format = f;
     }
+    // No input at all is fine: the run then polls the orders that are due.
     let inputs = if args.input.is_empty() {
         settings.input.files.clone()
     } else {
         args.input
     };
-    if inputs.is_empty() {
-        return Err(RunError::Setup(format!(
-            "no input: pass --input PATH or set input.files in {}",
-            args.config.config.display()
-        )));
-    }
     let wait = args.max_wait.unwrap_or(settings.settle.wait);
     let opts = RunOptions {
         inputs,

@@ -101,8 +101,11 @@ impl Clock {
         }
     }
 
+    /// The current time, to the millisecond (the precision paysync writes).
     pub fn now(&self) -> DateTime<Utc> {
-        self.wall + chrono::TimeDelta::from_std(self.mono.elapsed()).unwrap_or_default()
+        use chrono::SubsecRound;
+        (self.wall + chrono::TimeDelta::from_std(self.mono.elapsed()).unwrap_or_default())
+            .trunc_subsecs(3)
     }
 
     /// The tokio instant at which wall time `t` is reached.
@@ -308,7 +311,9 @@ impl Engine {
         let open = self.blocking(|s| s.open_batches()).await?;
         for batch in open {
             tracing::warn!(batch = %batch.name, rows = batch.rows, "finishing an export interrupted by a crash");
-            self.export_batch(batch, "recovered".into()).await?;
+            let run_id = run_id_of(&batch.name).to_owned();
+            let started_at = batch.created_at;
+            self.export_batch(batch, run_id, started_at).await?;
         }
         Ok(())
     }
@@ -601,16 +606,20 @@ impl Engine {
 
     /// Stages every unexported row under `name` and commits it as a file with its
     /// manifest. `None` when there was nothing to export.
+    /// `started_at` goes into the manifest (the run's or export's start).
     pub async fn export(
         &self,
-        name: String,
         run_id: &str,
+        started_at: DateTime<Utc>,
     ) -> Result<Option<(PathBuf, Manifest)>, RunError> {
         let now = self.clock.now();
+        let name = batch_name(run_id);
         let Some(batch) = self.blocking(move |s| s.stage_batch(&name, now)).await? else {
             return Ok(None);
         };
-        self.export_batch(batch, run_id.to_owned()).await.map(Some)
+        self.export_batch(batch, run_id.to_owned(), started_at)
+            .await
+            .map(Some)
     }
 
     /// Writes (or verifies) one staged batch and marks it committed.
@@ -618,6 +627,7 @@ impl Engine {
         &self,
         batch: Batch,
         run_id: String,
+        started_at: DateTime<Utc>,
     ) -> Result<(PathBuf, Manifest), RunError> {
         let store = self.store.clone();
         let dir = self.settings.output.dir.clone();
@@ -625,11 +635,35 @@ impl Engine {
         let provider = self.kind.as_str().to_owned();
         let now = self.clock.now();
         tokio::task::spawn_blocking(move || {
-            write_batch(store.as_ref(), &dir, format, &batch, run_id, provider, now)
+            let meta = BatchMeta {
+                run_id,
+                provider,
+                started_at,
+                now,
+            };
+            write_batch(store.as_ref(), &dir, format, &batch, meta)
         })
         .await
         .map_err(task_error)?
     }
+}
+
+/// The file stem of a run's (or export's) data file and manifest.
+pub fn batch_name(run_id: &str) -> String {
+    format!("paysync-{run_id}")
+}
+
+/// The run id a batch name was made from.
+fn run_id_of(batch_name: &str) -> &str {
+    batch_name.strip_prefix("paysync-").unwrap_or(batch_name)
+}
+
+/// What the manifest of a batch records besides its rows.
+struct BatchMeta {
+    run_id: String,
+    provider: String,
+    started_at: DateTime<Utc>,
+    now: DateTime<Utc>,
 }
 
 /// The blocking half of an export: verify-or-rewrite, then mark committed.
@@ -638,10 +672,14 @@ fn write_batch(
     dir: &Path,
     format: Format,
     batch: &Batch,
-    run_id: String,
-    provider: String,
-    now: DateTime<Utc>,
+    meta: BatchMeta,
 ) -> Result<(PathBuf, Manifest), RunError> {
+    let BatchMeta {
+        run_id,
+        provider,
+        started_at,
+        now,
+    } = meta;
     std::fs::create_dir_all(dir).map_err(|e| OutputError::Create {
         path: dir.to_owned(),
         source: e,
@@ -668,8 +706,7 @@ fn write_batch(
             Ok(())
         })?;
     }
-    let mut writer =
-        output::FileWriter::create(dir, &batch.name, format, columns, batch.created_at)?;
+    let mut writer = output::FileWriter::create(dir, &batch.name, format, columns, started_at)?;
     let mut write_err: Option<OutputError> = None;
     store.visit_batch(batch.id, &mut |row| {
         if write_err.is_none()
@@ -765,7 +802,8 @@ pub async fn run(
         source,
     })?;
     let engine = Arc::new(Engine::open(settings.clone()).await?);
-    let run_id = new_run_id(engine.clock.now());
+    let run_started = engine.clock.now();
+    let run_id = new_run_id(run_started);
     {
         let (id, now) = (run_id.clone(), engine.clock.now());
         engine
@@ -867,7 +905,7 @@ pub async fn run(
         Err(RunError::Auth(m)) => (IngestSummary::default(), None, Some(m)),
         Err(e) => return Err(e),
     };
-    let manifest = engine.export(format!("paysync-{run_id}"), &run_id).await?;
+    let manifest = engine.export(&run_id, run_started).await?;
     let statuses: BTreeMap<PayStatus, u64> = {
         let id = run_id.clone();
         engine

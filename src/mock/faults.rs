@@ -178,23 +178,29 @@ pub(crate) async fn common_fault(s: &Shared, kind: FaultKind) -> Option<Response
     })
 }
 
-/// HTTP 200 announcing a 4 KiB JSON body, then the connection drops after 64 bytes.
+/// HTTP 200 announcing a 4 KiB JSON body; the connection drops after 64 bytes.
+/// The error comes one scheduler turn after the first chunk, so hyper has flushed
+/// the headers and the chunk by then: the client sees the break mid-body.
 fn reset_response() -> Response {
-    let first = Bytes::from_static(&br#"{"code":200,"msg":"success","statusCode":200,"data":{"outTra"#[..]);
-    let chunks: Vec<Result<Bytes, std::io::Error>> = vec![
-        Ok(first),
+    use futures::StreamExt;
+    let first = Bytes::from_static(
+        &br#"{"code":200,"msg":"success","statusCode":200,"data":{"outTra"#[..],
+    );
+    let head = futures::stream::once(async move { Ok::<Bytes, std::io::Error>(first) });
+    let reset = futures::stream::once(async {
+        tokio::task::yield_now().await;
         Err(std::io::Error::new(
             std::io::ErrorKind::ConnectionReset,
             "mock: connection reset fault",
-        )),
-    ];
+        ))
+    });
     (
         StatusCode::OK,
         [
             (CONTENT_TYPE, HeaderValue::from_static("application/json")),
             (CONTENT_LENGTH, HeaderValue::from(4096u32)),
         ],
-        Body::from_stream(futures::stream::iter(chunks)),
+        Body::from_stream(head.chain(reset)),
     )
         .into_response()
 }

@@ -319,7 +319,7 @@ fn http_fallback(raw: &RawResponse, detail: String) -> FetchError {
 fn parse_envelope(raw: &RawResponse) -> Result<Envelope, FetchError> {
     let value: Value = match serde_json::from_slice(&raw.body) {
         Ok(v) => v,
-        Err(e) if e.is_eof() || e.is_syntax() => {
+        Err(e) => {
             let detail = if raw.status == 200 {
                 format!("invalid JSON: {e}")
             } else {
@@ -327,7 +327,6 @@ fn parse_envelope(raw: &RawResponse) -> Result<Envelope, FetchError> {
             };
             return Err(http_fallback(raw, detail));
         }
-        Err(e) => return Err(http_fallback(raw, format!("invalid JSON: {e}"))),
     };
     let status_code = match value.get("statusCode") {
         Some(Value::Number(n)) => n.as_i64(),
@@ -374,9 +373,21 @@ impl Failure {
     }
 }
 
-/// Classifies one answer of the detail call (see the module table in
-/// [`classify_status_code`]); a 401 becomes [`FetchError::Auth`] here, while
-/// [`GenAuth::fetch_detail`] refreshes the token once before giving that answer.
+/// Classifies one answer of the detail call. The body's envelope decides, whatever
+/// the HTTP status:
+///
+/// | answer | result |
+/// |---|---|
+/// | statusCode 200 with `data` | the mapped [`PayDetail`] (unreadable fields: `Malformed`) |
+/// | statusCode 200, `data` missing or `null` | `NotFound` |
+/// | statusCode 429 | `Throttled` (with the HTTP `Retry-After`) |
+/// | statusCode 5xx | `Server` |
+/// | statusCode 404 | `NotFound` |
+/// | statusCode 401, 403 | `Auth` (the provider refreshes the token once on a 401 first) |
+/// | any other statusCode (400, 402, 409, 413, 422, 499, ...) | `Rejected` |
+/// | not an envelope (HTML, truncated), HTTP 5xx | `Server` |
+/// | not an envelope, HTTP 429 | `Throttled` |
+/// | not an envelope, any other HTTP status | `Malformed` |
 pub fn classify_response(
     raw: &RawResponse,
     status_map: &BTreeMap<String, PayStatus>,
