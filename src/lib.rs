@@ -18,11 +18,13 @@
 //! - [`pipeline`]: `paysync run`: ingest, poll, export.
 //! - [`mock`]: the bundled mock payment server (tests, demo, benchmarks).
 //! - [`demo`]: `paysync demo`, the mock server plus a real run.
+//! - [`failpoint`]: crash points for the crash-safety tests.
 //! - [`telemetry`]: logging setup.
 
 pub mod cli;
 pub mod config;
 pub mod demo;
+pub mod failpoint;
 pub mod fetch;
 pub mod input;
 pub mod mock;

@@ -218,11 +218,12 @@ impl fmt::Display for RunReport {
     }
 }
 
-/// A new run id: UTC time plus a random suffix, sortable and unique across hosts.
+/// A new run id: UTC time to the millisecond plus a random suffix, so file names
+/// sort by time and stay unique across hosts.
 pub fn new_run_id(now: DateTime<Utc>) -> String {
     format!(
         "{}-{:04x}",
-        now.format("%Y%m%dT%H%M%SZ"),
+        now.format("%Y%m%dT%H%M%S%.3fZ"),
         rand::random::<u16>()
     )
 }
@@ -708,11 +709,17 @@ fn write_batch(
     }
     let mut writer = output::FileWriter::create(dir, &batch.name, format, columns, started_at)?;
     let mut write_err: Option<OutputError> = None;
+    let crash_mid_write = crate::failpoint::armed("mid-write").then_some(batch.rows / 2);
+    let mut written = 0u64;
     store.visit_batch(batch.id, &mut |row| {
         if write_err.is_none()
             && let Err(e) = writer.write(&row)
         {
             write_err = Some(e);
+        }
+        written += 1;
+        if crash_mid_write == Some(written) {
+            crate::failpoint::kill_self();
         }
         Ok(())
     })?;
@@ -720,6 +727,7 @@ fn write_batch(
         return Err(e.into());
     }
     let manifest = writer.commit(ManifestExtra { run_id, provider })?;
+    crate::failpoint::hit("before-batch-commit");
     store.commit_batch(batch.id, now)?;
     Ok((output::manifest_path(dir, &batch.name), manifest))
 }
@@ -754,6 +762,7 @@ async fn record_loop(
                 .map_err(task_error)??;
         buf = back;
         buf.clear();
+        crate::failpoint::hit("after-first-record");
         inflight.fetch_sub(n, Ordering::SeqCst);
         if let Some(p) = &progress {
             p.inc(n as u64);

@@ -12,6 +12,8 @@ use std::fmt::Write as _;
 use std::fs::File;
 use std::io;
 
+use chrono::{DateTime, Datelike, Timelike, Utc};
+
 use crate::model::{Amount, OUTPUT_COLUMNS, Observation, rfc3339};
 
 use super::WRITE_BUFFER;
@@ -125,13 +127,22 @@ impl CsvSink {
         put(w, c, opt(&row.to_address))?;
         put(w, c, opt(&row.chain_id))?;
         put(w, c, opt(&row.paid_account))?;
-        put(w, c, &row.created_at.map(rfc3339).unwrap_or_default())?;
-        put(w, c, &row.paid_at.map(rfc3339).unwrap_or_default())?;
-        put(w, c, &rfc3339(row.observed_at))?;
-        put(w, c, &rfc3339(row.first_seen_at))?;
-        self.scratch.clear();
-        let _ = write!(self.scratch, "{}", row.polls);
-        put(w, c, &self.scratch)?;
+        let s = &mut self.scratch;
+        for t in [
+            row.created_at,
+            row.paid_at,
+            Some(row.observed_at),
+            Some(row.first_seen_at),
+        ] {
+            s.clear();
+            if let Some(t) = t {
+                write_rfc3339(s, t);
+            }
+            put(w, c, s)?;
+        }
+        s.clear();
+        let _ = write!(s, "{}", row.polls);
+        put(w, c, s)?;
         put(w, c, opt(&row.error))?;
         self.write_inputs(&row.input)?;
         self.writer.write_record(None::<&[u8]>)
@@ -172,6 +183,36 @@ impl CsvSink {
     }
 }
 
+/// Appends [`rfc3339`]`(t)` to `out` without allocating: `YYYY-MM-DDTHH:MM:SS`,
+/// then 3, 6 or 9 fraction digits only when needed, then `Z`. Years outside
+/// 0..=9999 and leap seconds take the general (allocating) path.
+fn write_rfc3339(out: &mut String, t: DateTime<Utc>) {
+    let nanos = t.nanosecond();
+    if !(0..=9999).contains(&t.year()) || nanos >= 1_000_000_000 {
+        out.push_str(&rfc3339(t));
+        return;
+    }
+    let _ = write!(
+        out,
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}",
+        t.year(),
+        t.month(),
+        t.day(),
+        t.hour(),
+        t.minute(),
+        t.second()
+    );
+    if nanos == 0 {
+    } else if nanos % 1_000_000 == 0 {
+        let _ = write!(out, ".{:03}", nanos / 1_000_000);
+    } else if nanos % 1_000 == 0 {
+        let _ = write!(out, ".{:06}", nanos / 1_000);
+    } else {
+        let _ = write!(out, ".{nanos:09}");
+    }
+    out.push('Z');
+}
+
 fn opt(v: &Option<String>) -> &str {
     v.as_deref().unwrap_or("")
 }
@@ -207,7 +248,6 @@ mod tests {
     use super::super::{FileWriter, Format, ManifestExtra};
     use super::*;
     use crate::model::PayStatus;
-    use chrono::Utc;
 
     /// The formula escaping table of the interface: `= + - @ tab CR` at the start
     /// get a `'`; anything else, including those characters later on, does not.
@@ -233,6 +273,37 @@ mod tests {
             let mut buf = Vec::new();
             escape_formula_into(input, &mut buf);
             assert_eq!(buf, want.as_bytes(), "{input:?}");
+        }
+    }
+
+    /// The allocation-free time format equals the model's `rfc3339` for whole
+    /// seconds, milli-, micro- and nanoseconds, and extreme years.
+    #[test]
+    fn fast_time_format_matches_model() {
+        use chrono::TimeZone;
+        let base = Utc.with_ymd_and_hms(2024, 2, 29, 23, 59, 7).unwrap();
+        let mut cases = vec![
+            base,
+            Utc.with_ymd_and_hms(1, 1, 1, 0, 0, 0).unwrap(),
+            Utc.with_ymd_and_hms(9999, 12, 31, 23, 59, 59).unwrap(),
+            Utc.with_ymd_and_hms(12345, 1, 1, 0, 0, 0).unwrap(),
+            Utc.with_ymd_and_hms(-5, 1, 1, 0, 0, 0).unwrap(),
+        ];
+        for nanos in [
+            1,
+            120_000_000,
+            5_000_000,
+            123_456_000,
+            100_000,
+            999_999_999,
+            10,
+        ] {
+            cases.push(base + chrono::Duration::nanoseconds(nanos));
+        }
+        for t in cases {
+            let mut s = String::new();
+            write_rfc3339(&mut s, t);
+            assert_eq!(s, rfc3339(t));
         }
     }
 

@@ -300,7 +300,10 @@ impl FileWriter {
             provider: extra.provider,
             columns: std::mem::take(&mut self.columns),
         };
-        let published = fsync_dir(&self.dir).and_then(|()| manifest.write(&self.dir));
+        let published = fsync_dir(&self.dir).and_then(|()| {
+            crate::failpoint::hit("after-data-rename");
+            manifest.write(&self.dir)
+        });
         if let Err(e) = published {
             let _ = fs::remove_file(&final_path);
             let _ = fsync_dir(&self.dir);
@@ -573,17 +576,51 @@ mod tmp_bench {
             let cols = vec!["order_no".into(), "note".into(), "formula".into()];
             let t0 = std::time::Instant::now();
             let mut w = FileWriter::create(dir.path(), "b", format, cols, Utc::now()).unwrap();
-            for _ in 0..1_000_000 { w.write(&row).unwrap(); }
+            for _ in 0..1_000_000 {
+                w.write(&row).unwrap();
+            }
             eprintln!("loop {:?}", t0.elapsed());
-            let mut h = sha2::Sha256::new(); let buf = vec![7u8; 1<<20]; let ts = std::time::Instant::now();
-            for _ in 0..300 { sha2::Digest::update(&mut h, &buf); } let _ = sha2::Digest::finalize(h); eprintln!("sha 300MB {:?}", ts.elapsed());
-            let ts = std::time::Instant::now(); let mut v = Vec::with_capacity(1000); for _ in 0..1_000_000 { v.clear(); serde_json::to_writer(&mut v, &row).unwrap(); } eprintln!("json only {:?}", ts.elapsed());
-            let ts = std::time::Instant::now(); let mut n = 0; for _ in 0..1_000_000 { n += crate::model::rfc3339(row.observed_at).len(); } eprintln!("rfc3339 x1M {:?} {n}", ts.elapsed());
-            let ts = std::time::Instant::now(); let mut n = 0; for _ in 0..1_000_000 { n += row.fixed_values().len(); } eprintln!("fixed_values x1M {:?} {n}", ts.elapsed());
-            let m = w.commit(ManifestExtra { run_id: "r".into(), provider: "p".into() }).unwrap();
+            let mut h = sha2::Sha256::new();
+            let buf = vec![7u8; 1 << 20];
+            let ts = std::time::Instant::now();
+            for _ in 0..300 {
+                sha2::Digest::update(&mut h, &buf);
+            }
+            let _ = sha2::Digest::finalize(h);
+            eprintln!("sha 300MB {:?}", ts.elapsed());
+            let ts = std::time::Instant::now();
+            let mut v = Vec::with_capacity(1000);
+            for _ in 0..1_000_000 {
+                v.clear();
+                serde_json::to_writer(&mut v, &row).unwrap();
+            }
+            eprintln!("json only {:?}", ts.elapsed());
+            let ts = std::time::Instant::now();
+            let mut n = 0;
+            for _ in 0..1_000_000 {
+                n += crate::model::rfc3339(row.observed_at).len();
+            }
+            eprintln!("rfc3339 x1M {:?} {n}", ts.elapsed());
+            let ts = std::time::Instant::now();
+            let mut n = 0;
+            for _ in 0..1_000_000 {
+                n += row.fixed_values().len();
+            }
+            eprintln!("fixed_values x1M {:?} {n}", ts.elapsed());
+            let m = w
+                .commit(ManifestExtra {
+                    run_id: "r".into(),
+                    provider: "p".into(),
+                })
+                .unwrap();
             let t1 = t0.elapsed();
             let ok = verify(dir.path(), "b").unwrap();
-            eprintln!("{format}: write+commit {:?}, {} bytes, verify {ok} {:?}", t1, m.bytes, t0.elapsed() - t1);
+            eprintln!(
+                "{format}: write+commit {:?}, {} bytes, verify {ok} {:?}",
+                t1,
+                m.bytes,
+                t0.elapsed() - t1
+            );
         }
     }
 }

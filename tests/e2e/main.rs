@@ -2,4 +2,5 @@
 //! 127.0.0.1 (port 0), with real config files, SQLite state and output on disk.
 
 mod core;
+mod settle;
 mod util;
