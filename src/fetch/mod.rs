@@ -119,8 +119,24 @@ impl Transport {
     }
 
     /// Sends one request after the limiter admits it, and reads the whole body.
+    /// Requests whose content goes stale while waiting (signatures with a timestamp,
+    /// access tokens) are built after [`Transport::admit`] and sent with
+    /// [`Transport::send_admitted`] instead.
     pub async fn send(&self, request: reqwest::RequestBuilder) -> Result<RawResponse, FetchError> {
+        self.admit().await;
+        self.send_admitted(request).await
+    }
+
+    /// Waits until the limiter (and any pause) admits one request.
+    pub async fn admit(&self) {
         self.limiter.acquire().await;
+    }
+
+    /// Sends a request already admitted by [`Transport::admit`].
+    pub async fn send_admitted(
+        &self,
+        request: reqwest::RequestBuilder,
+    ) -> Result<RawResponse, FetchError> {
         Stats::bump(&self.stats.requests);
         match tokio::time::timeout(self.timeout, self.exchange(request)).await {
             Ok(r) => r,

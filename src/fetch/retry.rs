@@ -151,8 +151,16 @@ mod tests {
             (server(None), 3, retry(400, false)),
             (server(None), 4, Action::GiveUp),
             (server(Some(2)), 1, retry(2000, false)),
-            (Err(FetchError::Timeout(Duration::from_secs(1))), 1, retry(100, false)),
-            (Err(FetchError::Transport("reset".into())), 2, retry(200, false)),
+            (
+                Err(FetchError::Timeout(Duration::from_secs(1))),
+                1,
+                retry(100, false),
+            ),
+            (
+                Err(FetchError::Transport("reset".into())),
+                2,
+                retry(200, false),
+            ),
             (
                 Err(FetchError::Malformed {
                     status: 200,
@@ -161,7 +169,11 @@ mod tests {
                 1,
                 retry(100, false),
             ),
-            (Err(FetchError::TooLarge { limit: 10 }), 1, retry(100, false)),
+            (
+                Err(FetchError::TooLarge { limit: 10 }),
+                1,
+                retry(100, false),
+            ),
             (throttled(None), 1, retry(100, true)),
             (throttled(Some(0)), 1, retry(100, true)),
             (throttled(Some(3)), 1, retry(3000, true)),

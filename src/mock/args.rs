@@ -46,7 +46,11 @@ pub struct MockArgs {
     #[arg(long, default_value_t = 0.0)]
     pub fault_share: f64,
     /// Fault kinds, comma-separated: 500,502,503,html,malformed,reset,slow,large,429.
-    #[arg(long, value_delimiter = ',', default_value = "500,503,html,malformed,reset,429")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "500,503,html,malformed,reset,429"
+    )]
     pub fault_kinds: Vec<FaultKind>,
     /// Attempts in a row a faulted order fails before it succeeds.
     #[arg(long, default_value_t = DEFAULT_MAX_CONSECUTIVE_FAULTS)]
@@ -171,7 +175,10 @@ mod tests {
         assert_eq!(o.fault_kinds, FaultKind::ALL.to_vec());
         assert_eq!(o.latency, Duration::from_millis(50));
         assert_eq!(o.slow_delay, Duration::from_secs(2));
-        assert_eq!((o.genauth_expires_in, o.pending_polls, o.confirm_polls), (60, 3, 0));
+        assert_eq!(
+            (o.genauth_expires_in, o.pending_polls, o.confirm_polls),
+            (60, 3, 0)
+        );
         assert_eq!((o.seed, o.max_consecutive_faults), (7, 1));
         assert_eq!(o.payprotocol_api_key, "k");
         assert_eq!(o.payprotocol_api_secret, "s");

@@ -232,7 +232,10 @@ impl Orders {
         order_no: &str,
         f: impl FnOnce(&mut OrderState) -> R,
     ) -> R {
-        let mut map = self.shard(order_no).lock().unwrap_or_else(|e| e.into_inner());
+        let mut map = self
+            .shard(order_no)
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         let states = match map.get_mut(order_no) {
             Some(s) => s,
             None => map.entry(order_no.to_owned()).or_default(),
@@ -242,7 +245,10 @@ impl Orders {
 
     /// Reads a field of the order's state summed over both providers (0 if unseen).
     fn read(&self, order_no: &str, f: impl FnOnce(OrderState) -> u32) -> u32 {
-        let map = self.shard(order_no).lock().unwrap_or_else(|e| e.into_inner());
+        let map = self
+            .shard(order_no)
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         let [a, b] = map.get(order_no).copied().unwrap_or_default();
         f(a + b)
     }
@@ -290,7 +296,8 @@ mod tests {
     #[test]
     fn order_state_per_family() {
         let c = Counters::default();
-        c.orders.update(Family::PayProtocol, "A", |s| s.received += 1);
+        c.orders
+            .update(Family::PayProtocol, "A", |s| s.received += 1);
         c.orders.update(Family::GenAuth, "A", |s| {
             s.received += 2;
             s.answered += 1;

@@ -107,7 +107,10 @@ impl Shared {
                 s.attempts
             });
             if attempt <= self.opts.max_consecutive_faults && self.order_is_faulted(order_no) {
-                let h = mix(mix(self.opts.seed, fnv1a(order_no.as_bytes())), u64::from(attempt));
+                let h = mix(
+                    mix(self.opts.seed, fnv1a(order_no.as_bytes())),
+                    u64::from(attempt),
+                );
                 fault = Some(kinds[(h % kinds.len() as u64) as usize]);
             }
         }
@@ -128,7 +131,8 @@ impl Shared {
 }
 
 /// What the `Malformed` fault sends: JSON cut off in the middle.
-const TRUNCATED_JSON: &str = r#"{"code":200,"msg":"success","statusCode":200,"data":{"outTradeNo":"#;
+const TRUNCATED_JSON: &str =
+    r#"{"code":200,"msg":"success","statusCode":200,"data":{"outTradeNo":"#;
 
 /// What the `Html502` fault sends, as a proxy in front of the API would.
 const HTML_502: &str = "<html>\r\n<head><title>502 Bad Gateway</title></head>\r\n<body>\r\n\
@@ -183,9 +187,8 @@ pub(crate) async fn common_fault(s: &Shared, kind: FaultKind) -> Option<Response
 /// the headers and the chunk by then: the client sees the break mid-body.
 fn reset_response() -> Response {
     use futures::StreamExt;
-    let first = Bytes::from_static(
-        &br#"{"code":200,"msg":"success","statusCode":200,"data":{"outTra"#[..],
-    );
+    let first =
+        Bytes::from_static(&br#"{"code":200,"msg":"success","statusCode":200,"data":{"outTra"#[..]);
     let head = futures::stream::once(async move { Ok::<Bytes, std::io::Error>(first) });
     let reset = futures::stream::once(async {
         tokio::task::yield_now().await;
@@ -230,13 +233,22 @@ mod tests {
     fn retry_after_modes() {
         let now = std::time::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
         let v = |m, w| retry_after_value(m, w, now).map(|h| h.to_str().unwrap_or("?").to_owned());
-        assert_eq!(v(RetryAfterMode::Seconds, Duration::from_millis(1200)).as_deref(), Some("2"));
-        assert_eq!(v(RetryAfterMode::Seconds, Duration::from_millis(10)).as_deref(), Some("1"));
+        assert_eq!(
+            v(RetryAfterMode::Seconds, Duration::from_millis(1200)).as_deref(),
+            Some("2")
+        );
+        assert_eq!(
+            v(RetryAfterMode::Seconds, Duration::from_millis(10)).as_deref(),
+            Some("1")
+        );
         assert_eq!(
             v(RetryAfterMode::HttpDate, Duration::from_millis(1200)).as_deref(),
             Some("Tue, 14 Nov 2023 22:13:22 GMT")
         );
-        assert_eq!(v(RetryAfterMode::Zero, Duration::from_secs(5)).as_deref(), Some("0"));
+        assert_eq!(
+            v(RetryAfterMode::Zero, Duration::from_secs(5)).as_deref(),
+            Some("0")
+        );
         assert_eq!(v(RetryAfterMode::Absent, Duration::from_secs(5)), None);
     }
 

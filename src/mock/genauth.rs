@@ -68,13 +68,23 @@ async fn token_answer(s: &Shared, body: &[u8]) -> Response {
         return fault(s, kind).await;
     }
     let Ok(req) = serde_json::from_slice::<TokenRequest>(body) else {
-        return failure(s, 400, "accessKeyId and accessKeySecret are required", json!(1001));
+        return failure(
+            s,
+            400,
+            "accessKeyId and accessKeySecret are required",
+            json!(1001),
+        );
     };
     if req.access_key_id != s.opts.genauth_access_key_id
         || req.access_key_secret != s.opts.genauth_access_key_secret
     {
         bump(&s.counters.unauthorized);
-        return failure(s, 401, "Invalid accessKeyId or accessKeySecret", json!(2001));
+        return failure(
+            s,
+            401,
+            "Invalid accessKeyId or accessKeySecret",
+            json!(2001),
+        );
     }
     let token = issue_token(s);
     json_response(
@@ -105,7 +115,10 @@ fn issue_token(s: &Shared) -> String {
     let mut mac = Hmac::<Sha256>::new_from_slice(s.opts.genauth_access_key_secret.as_bytes())
         .expect("HMAC accepts any key length");
     mac.update(signing_input.as_bytes());
-    let token = format!("{signing_input}.{}", URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes()));
+    let token = format!(
+        "{signing_input}.{}",
+        URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes())
+    );
 
     let expires = s
         .clock

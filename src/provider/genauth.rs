@@ -742,8 +742,12 @@ impl GenAuth {
         Token::from_grant(&grant, obtained_at)
     }
 
-    /// One detail call with `token`.
-    async fn detail_once(&self, order: &OrderRef, token: &Token) -> Result<PayDetail, Failure> {
+    /// One detail call. The limiter admits it first and only then is the current
+    /// token read, so a token never ages in the queue; a token the server rejects
+    /// is dropped from the cache (if still cached).
+    async fn detail_once(&self, order: &OrderRef) -> Result<PayDetail, Failure> {
+        self.transport.admit().await;
+        let token = self.token().await.map_err(Failure::Error)?;
         let mut request = self
             .transport
             .client()
@@ -755,8 +759,16 @@ impl GenAuth {
         if let Some(lang) = &self.lang {
             request = request.header(self.brand.lang_header(), lang.clone());
         }
-        let raw = self.transport.send(request).await.map_err(Failure::Error)?;
-        judge_detail(&raw, &self.status_map, self.naive_zone)
+        let raw = self
+            .transport
+            .send_admitted(request)
+            .await
+            .map_err(Failure::Error)?;
+        let judged = judge_detail(&raw, &self.status_map, self.naive_zone);
+        if let Err(Failure::TokenRejected(_)) = &judged {
+            self.invalidate(&token);
+        }
+        judged
     }
 }
 
@@ -774,15 +786,12 @@ impl PayProvider for GenAuth {
     /// One detail call; on a 401 the token is refreshed once (single flight) and the
     /// call repeated once; a second 401 is [`FetchError::Auth`].
     async fn fetch_detail(&self, order: &OrderRef) -> Result<PayDetail, FetchError> {
-        let token = self.token().await?;
-        match self.detail_once(order, &token).await {
+        match self.detail_once(order).await {
             Err(Failure::TokenRejected(_)) => {
                 tracing::debug!(
                     "genauth access token rejected (statusCode 401); refreshing it once"
                 );
-                self.invalidate(&token);
-                let token = self.token().await?;
-                self.detail_once(order, &token).await.map_err(|f| match f {
+                self.detail_once(order).await.map_err(|f| match f {
                     Failure::TokenRejected(desc) => FetchError::Auth(format!(
                         "access token rejected again after a refresh: {desc}"
                     )),

@@ -187,8 +187,14 @@ mod tests {
     fn provider_times_to_utc() {
         let cst = FixedOffset::east_opt(8 * 3600).unwrap();
         let t = |s| parse_provider_time(s, cst).unwrap().map(rfc3339);
-        assert_eq!(t("2024-04-03 13:40:06").as_deref(), Some("2024-04-03T05:40:06Z"));
-        assert_eq!(t("2024-01-01 03:00:00").as_deref(), Some("2023-12-31T19:00:00Z"));
+        assert_eq!(
+            t("2024-04-03 13:40:06").as_deref(),
+            Some("2024-04-03T05:40:06Z")
+        );
+        assert_eq!(
+            t("2024-01-01 03:00:00").as_deref(),
+            Some("2023-12-31T19:00:00Z")
+        );
         assert_eq!(
             t("2024-07-29T15:51:28.071Z").as_deref(),
             Some("2024-07-29T15:51:28.071Z")
@@ -205,7 +211,10 @@ mod tests {
         assert!(parse_provider_time("yesterday", cst).is_err());
         let utc = FixedOffset::east_opt(0).unwrap();
         assert_eq!(
-            parse_provider_time("2024-04-03 13:40:06", utc).unwrap().map(rfc3339).as_deref(),
+            parse_provider_time("2024-04-03 13:40:06", utc)
+                .unwrap()
+                .map(rfc3339)
+                .as_deref(),
             Some("2024-04-03T13:40:06Z")
         );
     }

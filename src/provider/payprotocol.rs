@@ -116,8 +116,10 @@ impl PayProtocol {
         url
     }
 
-    /// Sends a signed GET.
+    /// Sends a signed GET. The timestamp is taken after the limiter admits the
+    /// request, so a long wait (or a pause after a 429) never sends a stale signature.
     async fn get(&self, url: Url) -> Result<RawResponse, FetchError> {
+        self.transport.admit().await;
         let target = match url.query() {
             Some(q) => format!("{}?{}", url.path(), q),
             None => url.path().to_owned(),
@@ -141,7 +143,7 @@ impl PayProtocol {
             .header("X-PAY-KEY", &self.settings.api_key)
             .header("X-PAY-TIMESTAMP", ts)
             .header("X-PAY-SIGN", sig);
-        self.transport.send(req).await
+        self.transport.send_admitted(req).await
     }
 
     async fn load_currencies(&self) -> Result<usize, FetchError> {

@@ -318,11 +318,9 @@ fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StateError> {
             supported: SCHEMA_VERSION,
         });
     }
-    for (from, step) in MIGRATIONS
-        .iter()
-        .enumerate()
-        .skip(usize::try_from(found).unwrap_or(0))
-    {
+    let done = usize::try_from(found)
+        .map_err(|_| StateError::Corrupt(format!("schema version {found} is negative")))?;
+    for (from, step) in MIGRATIONS.iter().enumerate().skip(done) {
         let tx = conn.transaction_with_behavior(TransactionBehavior::Exclusive)?;
         tx.execute_batch(step)?;
         tx.pragma_update(None, "user_version", from as i64 + 1)?;
@@ -442,7 +440,7 @@ impl StateStore for SqliteStore {
                  ORDER BY next_poll_at
                  LIMIT ?3",
             )?;
-            let mut lease =
+            let mut set_lease =
                 tx.prepare_cached("UPDATE orders SET lease_until = ?2 WHERE rowid = ?1")?;
             let mut rows = due.query(params![provider.as_str(), now, limit])?;
             let mut out = Vec::new();
@@ -463,7 +461,7 @@ impl StateStore for SqliteStore {
                     polls: parse_u32("polls", row.get(4)?)?,
                     status,
                 });
-                lease.execute(params![rowid, until])?;
+                set_lease.execute(params![rowid, until])?;
             }
             Ok(out)
         })

@@ -2,5 +2,6 @@
 //! 127.0.0.1 (port 0), with real config files, SQLite state and output on disk.
 
 mod core;
+mod genauth;
 mod settle;
 mod util;
