@@ -29,6 +29,8 @@ pub struct Cli {
 pub enum Command {
     /// One-off backfill: fetch the input orders, poll unsettled ones, write output.
     Run(RunArgs),
+    /// Scheduled operation (under systemd): ingest, poll and export on cron schedules.
+    Daemon(ConfigArg),
     /// Check the config file and that secrets are present (exit 0 or 2).
     Validate(ConfigArg),
     /// Orders by status, the oldest unsettled order, the last runs.

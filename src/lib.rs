@@ -16,6 +16,8 @@
 //! - [`state`]: the state store interface and its SQLite implementation.
 //! - [`output`]: JSONL/CSV writers, manifests, atomic commit.
 //! - [`pipeline`]: `paysync run`: ingest, poll, export.
+//! - [`daemon`]: `paysync daemon`: cron schedules, queue tailing, inbox, systemd.
+//! - [`metrics`]: the daemon's Prometheus endpoint.
 //! - [`mock`]: the bundled mock payment server (tests, demo, benchmarks).
 //! - [`demo`]: `paysync demo`, the mock server plus a real run.
 //! - [`failpoint`]: crash points for the crash-safety tests.
@@ -23,10 +25,12 @@
 
 pub mod cli;
 pub mod config;
+pub mod daemon;
 pub mod demo;
 pub mod failpoint;
 pub mod fetch;
 pub mod input;
+pub mod metrics;
 pub mod mock;
 pub mod model;
 pub mod output;

@@ -84,6 +84,21 @@ async fn dispatch(command: Command) -> u8 {
                 code
             }
         },
+        Command::Daemon(args) => match daemon(&args.config).await {
+            Ok(report) if report.auth_error.is_some() => {
+                eprintln!(
+                    "paysync: error: authentication rejected by the provider: {}",
+                    report.auth_error.unwrap_or_default()
+                );
+                3
+            }
+            Ok(_) => 0,
+            Err(e) => {
+                let code = e.exit_code();
+                report_error(&anyhow::Error::new(e));
+                code
+            }
+        },
         Command::Validate(args) => match validate(&args.config) {
             Ok(msg) => {
                 println!("{msg}");
@@ -189,6 +204,30 @@ async fn run(args: RunArgs) -> Result<RunReport, RunError> {
         progress: !args.no_progress,
     };
     pipeline::run(Arc::new(settings), opts, shutdown_signal()).await
+}
+
+/// `paysync daemon`: the engine, the optional metrics endpoint, the schedules.
+async fn daemon(config: &std::path::Path) -> Result<paysync::daemon::DaemonReport, RunError> {
+    let settings = Arc::new(Settings::load(config)?);
+    let engine = Arc::new(pipeline::Engine::open(settings.clone()).await?);
+    let stop_metrics = tokio_util::sync::CancellationToken::new();
+    if let Some(addr) = settings.metrics.listen {
+        let sources = paysync::metrics::Sources {
+            stats: engine.stats.clone(),
+            store: engine.store.clone(),
+        };
+        let stop = stop_metrics.clone();
+        let listener =
+            paysync::metrics::serve(addr, sources, async move { stop.cancelled().await });
+        tokio::spawn(async move {
+            if let Err(e) = listener.await {
+                tracing::error!(%addr, error = %e, "metrics endpoint failed");
+            }
+        });
+    }
+    let report = paysync::daemon::run_daemon(engine, shutdown_signal()).await;
+    stop_metrics.cancel();
+    report
 }
 
 fn validate(config: &std::path::Path) -> anyhow::Result<String> {

@@ -358,7 +358,7 @@ impl Engine {
                     Err(reason) => {
                         sum.rejected += 1;
                         rejects
-                            .write(&rec.source, rec.line, &reason.to_string(), &rec.raw)
+                            .write(&rec.source, rec.line, &reason, &rec.raw)
                             .map_err(|e| OutputError::Write {
                                 path: rejects.path().to_path_buf(),
                                 source: e,
@@ -519,7 +519,17 @@ impl Engine {
                 // Idle: input read, nothing in flight, nothing due now.
                 let kind = self.kind;
                 let Some(next) = self.blocking(move |s| s.next_due_at(kind)).await? else {
-                    break;
+                    match until {
+                        PollUntil::IdleFor(_) => break,
+                        // The daemon waits for the next ingest.
+                        PollUntil::Forever => {
+                            tokio::select! {
+                                _ = new_work.notified() => {}
+                                _ = abort.cancelled() => {}
+                            }
+                            continue;
+                        }
+                    }
                 };
                 let at = self.clock.instant_at(next);
                 let limit = match until {
@@ -685,11 +695,11 @@ fn write_batch(
         path: dir.to_owned(),
         source: e,
     })?;
-    if output::verify(dir, &batch.name)? {
-        if let Some(m) = output::read_manifest(dir, &batch.name)? {
-            store.commit_batch(batch.id, now)?;
-            return Ok((output::manifest_path(dir, &batch.name), m));
-        }
+    if output::verify(dir, &batch.name)?
+        && let Some(m) = output::read_manifest(dir, &batch.name)?
+    {
+        store.commit_batch(batch.id, now)?;
+        return Ok((output::manifest_path(dir, &batch.name), m));
     }
     for f in [Format::Jsonl, Format::Csv] {
         output::remove_uncommitted(dir, &batch.name, f)?;
@@ -833,9 +843,7 @@ pub async fn run(
         }
     };
     let body = async {
-        if let Err(e) = engine.prepare().await {
-            return Err(e);
-        }
+        engine.prepare().await?;
         let progress = opts.progress.then(|| {
             let pb = indicatif::ProgressBar::with_draw_target(
                 Some(0),

@@ -6,6 +6,9 @@ use std::io::IsTerminal;
 
 use tracing_subscriber::EnvFilter;
 
+/// The default filter: paysync at info; the scheduler crate's chatter only when it warns.
+const DEFAULT_FILTER: &str = "info,tokio_cron_scheduler=warn";
+
 /// The log line format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum LogFormat {
@@ -24,7 +27,7 @@ fn stderr_is_journal() -> bool {
 pub fn init(format: LogFormat, level: Option<&str>) {
     let filter = match level {
         Some(l) => EnvFilter::new(l),
-        None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_FILTER)),
     };
     let json = match format {
         LogFormat::Json => true,

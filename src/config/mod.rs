@@ -219,6 +219,12 @@ pub struct StateSettings {
     pub path: PathBuf,
 }
 
+/// Daemon mode's Prometheus endpoint (off unless `metrics.listen` is set).
+#[derive(Debug, Clone, Default)]
+pub struct MetricsSettings {
+    pub listen: Option<std::net::SocketAddr>,
+}
+
 /// The validated configuration.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -231,6 +237,7 @@ pub struct Settings {
     pub output: OutputSettings,
     pub schedule: ScheduleSettings,
     pub state: StateSettings,
+    pub metrics: MetricsSettings,
 }
 
 impl Settings {

@@ -25,6 +25,14 @@ pub(super) struct Config {
     schedule: Schedule,
     #[serde(default)]
     state: State,
+    #[serde(default)]
+    metrics: Metrics,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Metrics {
+    listen: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -473,6 +481,23 @@ impl Config {
                     .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_PATH)),
             ),
         };
+        let metrics = MetricsSettings {
+            listen: match self.metrics.listen.as_deref().map(str::trim) {
+                None | Some("") => None,
+                Some(a) => {
+                    let addr: std::net::SocketAddr = a.parse().map_err(|_| {
+                        c.err(
+                            "metrics.listen",
+                            format!("{a:?} is not an address like \"127.0.0.1:9184\""),
+                        )
+                    })?;
+                    if !addr.ip().is_loopback() {
+                        tracing::warn!(%addr, "metrics.listen is not a loopback address; the endpoint is unauthenticated");
+                    }
+                    Some(addr)
+                }
+            },
+        };
         Ok(Settings {
             source: source.to_owned(),
             provider,
@@ -482,6 +507,7 @@ impl Config {
             output,
             schedule,
             state,
+            metrics,
         })
     }
 }
@@ -512,6 +538,8 @@ fn check_cron(c: &Check<'_>, key: &str, v: Option<String>) -> Result<Option<Stri
             format!("{expr:?} has {fields} fields; use 6 (sec min hour day month weekday), e.g. \"0 */5 * * * *\""),
         ));
     }
+    crate::daemon::parse_cron(&expr)
+        .map_err(|e| c.err(key, format!("not a cron expression: {e}")))?;
     Ok(Some(expr))
 }
 

@@ -73,6 +73,11 @@ fn errors_name_file_and_key() {
         ),
         ("[output]\nformat = \"xml\"\n", "output.format"),
         ("[schedule]\nexport = \"0 2 * * *\"\n", "schedule.export"),
+        (
+            "[schedule]\ningest = \"0 */5 * * * Funday\"\n",
+            "schedule.ingest",
+        ),
+        ("[metrics]\nlisten = \"localhost\"\n", "metrics.listen"),
         ("[wat]\nx = 1\n", "wat"),
     ];
     for (extra, key) in cases {

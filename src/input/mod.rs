@@ -152,6 +152,17 @@ pub enum Records {
     Empty,
 }
 
+impl Records {
+    /// The CSV header's column names (trimmed, in file order); empty for queue
+    /// files and empty files.
+    pub fn header(&self) -> &[String] {
+        match self {
+            Records::Csv(r) => r.header(),
+            Records::Queue(_) | Records::Empty => &[],
+        }
+    }
+}
+
 impl Iterator for Records {
     type Item = Result<InputRecord, InputError>;
 
@@ -306,6 +317,28 @@ mod tests {
 
         let err = open(&InputSpec::new(dir.path())).unwrap_err();
         assert!(matches!(err, InputError::NotAFile { .. }), "{err:?}");
+    }
+
+    /// Records can be moved to a blocking thread.
+    #[test]
+    fn records_are_send() {
+        fn assert_send<T: Send + 'static>() {}
+        assert_send::<Records>();
+        assert_send::<InputRecord>();
+        assert_send::<RejectsWriter>();
+        assert_send::<InputError>();
+    }
+
+    /// The CSV header is available to the caller after opening.
+    #[test]
+    fn header_is_exposed() {
+        let (_dir, path) = write_file("o.csv", b"\xEF\xBB\xBF order_no , note\nA1,x\n");
+        assert_eq!(
+            open(&InputSpec::new(&path)).unwrap().header(),
+            ["order_no", "note"]
+        );
+        let (_dir, path) = write_file("q.txt", b"A1\n");
+        assert!(open(&InputSpec::new(&path)).unwrap().header().is_empty());
     }
 
     /// The file identity is device and inode, stable across renames.

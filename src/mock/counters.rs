@@ -207,10 +207,13 @@ impl std::ops::Add for OrderState {
 
 const SHARDS: usize = 64;
 
+/// One shard of the order table: order number -> state per [`Family`].
+type Shard = Mutex<HashMap<String, [OrderState; 2]>>;
+
 /// Per-order state, sharded by order-number hash.
 #[derive(Debug)]
 pub(crate) struct Orders {
-    shards: Box<[Mutex<HashMap<String, [OrderState; 2]>>]>,
+    shards: Box<[Shard]>,
 }
 
 impl Orders {
@@ -220,7 +223,7 @@ impl Orders {
         }
     }
 
-    fn shard(&self, order_no: &str) -> &Mutex<HashMap<String, [OrderState; 2]>> {
+    fn shard(&self, order_no: &str) -> &Shard {
         &self.shards[(fnv1a(order_no.as_bytes()) % SHARDS as u64) as usize]
     }
 
@@ -264,8 +267,8 @@ mod tests {
     fn sliding_window_max() {
         let w = Window::new(1000);
         let ms = 1_000_000;
-        // 3 arrivals in [0, 900ms], then 2 more at 1.5 s and 1.6 s: the window
-        // (0.6 s, 1.6 s] holds 900ms, 1.5 s, 1.6 s = 3; (0.5 s, 1.5 s] holds 2+1.
+        // Arrivals at 0, 0.5, 0.9, 1.5 and 1.6 s: the windows ending at 0.9 s and at
+        // 1.6 s hold 3 each; no one-second window holds 4.
         for t in [0, 500 * ms, 900 * ms, 1500 * ms, 1600 * ms] {
             w.record_at(t);
         }

@@ -181,7 +181,10 @@ impl std::str::FromStr for FaultKind {
             .find(|k| k.name() == s)
             .ok_or_else(|| {
                 let names: Vec<&str> = FaultKind::ALL.iter().map(|k| k.name()).collect();
-                format!("unknown fault kind {s:?} (expected one of {})", names.join(","))
+                format!(
+                    "unknown fault kind {s:?} (expected one of {})",
+                    names.join(",")
+                )
             })
     }
 }
@@ -295,7 +298,10 @@ impl MockServer {
         let app = router(shared.clone());
         let stop = shared.cancel.clone().cancelled_owned();
         let task = tokio::spawn(async move {
-            if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(stop).await {
+            if let Err(e) = axum::serve(listener, app)
+                .with_graceful_shutdown(stop)
+                .await
+            {
                 tracing::warn!(error = %e, "mock server stopped with an error");
             }
         });
@@ -342,7 +348,9 @@ impl MockServer {
     pub async fn shutdown(mut self) {
         self.shared.cancel.cancel();
         if let Some(mut task) = self.task.take()
-            && tokio::time::timeout(SHUTDOWN_GRACE, &mut task).await.is_err()
+            && tokio::time::timeout(SHUTDOWN_GRACE, &mut task)
+                .await
+                .is_err()
         {
             task.abort();
         }

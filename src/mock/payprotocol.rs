@@ -134,7 +134,13 @@ fn check_auth(s: &Shared, headers: &HeaderMap, target: &str) -> Result<(), &'sta
         return Err("request timestamp expired");
     }
     let got = header("x-pay-sign").ok_or("missing X-PAY-SIGN")?;
-    let want = sign(s.opts.payprotocol_api_secret.as_bytes(), ts, "GET", target, b"");
+    let want = sign(
+        s.opts.payprotocol_api_secret.as_bytes(),
+        ts,
+        "GET",
+        target,
+        b"",
+    );
     if got != want {
         return Err("signature verification failed");
     }
@@ -143,7 +149,10 @@ fn check_auth(s: &Shared, headers: &HeaderMap, target: &str) -> Result<(), &'sta
 
 /// An error envelope `{code, msg}` with the same HTTP status.
 fn error(status: StatusCode, msg: &str) -> Response {
-    json_response(status, &json!({"code": status.as_u16(), "msg": msg, "data": null}))
+    json_response(
+        status,
+        &json!({"code": status.as_u16(), "msg": msg, "data": null}),
+    )
 }
 
 /// HTTP 429 with `Retry-After` per the configured mode.

@@ -106,7 +106,13 @@ impl Scenario {
     }
 
     /// GenAuth `payStatus` at the answered poll number `n` (0-based).
-    pub fn genauth_status(self, n: u32, pending_polls: u32, confirm_polls: u32, h: u64) -> &'static str {
+    pub fn genauth_status(
+        self,
+        n: u32,
+        pending_polls: u32,
+        confirm_polls: u32,
+        h: u64,
+    ) -> &'static str {
         match self {
             Scenario::Paid => {
                 if h & 1 == 0 {
@@ -275,11 +281,16 @@ mod tests {
     fn unmarked_mix() {
         let mut counts = std::collections::HashMap::new();
         for i in 0..10_000u32 {
-            *counts.entry(Scenario::of(&format!("{}", 900_000_000 + i * 7919))).or_insert(0u32) += 1;
+            *counts
+                .entry(Scenario::of(&format!("{}", 900_000_000 + i * 7919)))
+                .or_insert(0u32) += 1;
         }
         let share = |s| f64::from(counts.get(&s).copied().unwrap_or(0)) / 10_000.0;
         assert!((0.58..0.67).contains(&share(Scenario::Paid)), "{counts:?}");
-        assert!((0.12..0.18).contains(&share(Scenario::Pending)), "{counts:?}");
+        assert!(
+            (0.12..0.18).contains(&share(Scenario::Pending)),
+            "{counts:?}"
+        );
         for s in [
             Scenario::Confirm,
             Scenario::Failed,

@@ -14,9 +14,8 @@ use crate::provider::payprotocol::sign;
 /// `Response::json` without reqwest's `json` feature (an inherent method, should
 /// the feature be enabled, takes precedence and behaves the same).
 trait ReadJson {
-    fn json<T: serde::de::DeserializeOwned>(
-        self,
-    ) -> impl Future<Output = Result<T, String>> + Send;
+    fn json<T: serde::de::DeserializeOwned>(self)
+    -> impl Future<Output = Result<T, String>> + Send;
 }
 
 impl ReadJson for reqwest::Response {
@@ -28,7 +27,9 @@ impl ReadJson for reqwest::Response {
 
 async fn start(opts: MockOptions) -> MockServer {
     let listen: SocketAddr = "127.0.0.1:0".parse().expect("valid address");
-    MockServer::start(listen, opts).await.expect("mock server starts")
+    MockServer::start(listen, opts)
+        .await
+        .expect("mock server starts")
 }
 
 fn client() -> reqwest::Client {
@@ -76,12 +77,17 @@ async fn pp_detail(s: &MockServer, order: &str) -> (u16, Value) {
 async fn pp_status(s: &MockServer, order: &str) -> i64 {
     let (http, body) = pp_detail(s, order).await;
     assert_eq!(http, 200, "{body}");
-    body["data"]["paymentStatus"].as_i64().expect("paymentStatus")
+    body["data"]["paymentStatus"]
+        .as_i64()
+        .expect("paymentStatus")
 }
 
 async fn ga_token_with(s: &MockServer, id: &str, secret: &str) -> Value {
     client()
-        .post(format!("{}/api/v3/get-management-token", s.genauth_base_url()))
+        .post(format!(
+            "{}/api/v3/get-management-token",
+            s.genauth_base_url()
+        ))
         .header("content-type", "application/json")
         .body(serde_json::json!({"accessKeyId": id, "accessKeySecret": secret}).to_string())
         .send()
@@ -95,7 +101,10 @@ async fn ga_token_with(s: &MockServer, id: &str, secret: &str) -> Value {
 async fn ga_token(s: &MockServer) -> String {
     let body = ga_token_with(s, DEFAULT_ACCESS_KEY_ID, DEFAULT_ACCESS_KEY_SECRET).await;
     assert_eq!(body["statusCode"], 200, "{body}");
-    body["data"]["access_token"].as_str().expect("token").to_owned()
+    body["data"]["access_token"]
+        .as_str()
+        .expect("token")
+        .to_owned()
 }
 
 async fn ga_get(s: &MockServer, order: &str, token: &str, pool_header: &str) -> reqwest::Response {
@@ -181,7 +190,14 @@ async fn payprotocol_clock_skew_check_can_be_disabled() {
     })
     .await;
     let target = "/api/mer/payment/detail?outTradeNo=PAID-1";
-    let r = pp_get_with(&s, target, DEFAULT_API_KEY, DEFAULT_API_SECRET, 1_723_971_200).await;
+    let r = pp_get_with(
+        &s,
+        target,
+        DEFAULT_API_KEY,
+        DEFAULT_API_SECRET,
+        1_723_971_200,
+    )
+    .await;
     assert_eq!(r.status(), 200);
     let r = pp_get_with(&s, target, DEFAULT_API_KEY, "nope", 1_723_971_200).await;
     assert_eq!(r.status(), 401);
@@ -276,7 +292,11 @@ async fn payprotocol_detail_fields() {
         assert!(!d[k].is_null(), "{k} missing in {d}");
     }
     assert_eq!(paid["msg"], "success");
-    assert!(d["settlementAmount"].as_str().is_some_and(|a| a.bytes().all(|b| b.is_ascii_digit())));
+    assert!(
+        d["settlementAmount"]
+            .as_str()
+            .is_some_and(|a| a.bytes().all(|b| b.is_ascii_digit()))
+    );
     let created = d["createTime"].as_str().expect("createTime");
     assert!(chrono::NaiveDateTime::parse_from_str(created, "%Y-%m-%d %H:%M:%S").is_ok());
     // The same order answers the same facts again.
@@ -321,7 +341,14 @@ async fn payprotocol_currency_list() {
     assert_eq!(find(2, "USDC"), Some(6));
     assert!(rows.iter().any(|r| r["chainId"] == 3));
     for r in rows {
-        for k in ["currencyId", "name", "address", "createTime", "icon", "exchangeRate"] {
+        for k in [
+            "currencyId",
+            "name",
+            "address",
+            "createTime",
+            "icon",
+            "exchangeRate",
+        ] {
             assert!(r.get(k).is_some(), "{k} missing in {r}");
         }
         assert!(r["icon"].as_str().is_some_and(|i| i.len() > 200));
@@ -364,7 +391,10 @@ async fn genauth_token_detail_and_expiry() {
 
     // A wrong user pool, no token, or a token this server never issued.
     let wrong_pool: Value = client()
-        .get(format!("{}/api/v3/get-order-pay-detail?orderNo=PAID-7", s.genauth_base_url()))
+        .get(format!(
+            "{}/api/v3/get-order-pay-detail?orderNo=PAID-7",
+            s.genauth_base_url()
+        ))
         .header("authorization", format!("Bearer {token}"))
         .header("x-genauth-userpool-id", "other-pool")
         .send()
@@ -406,7 +436,10 @@ async fn genauth_lifecycles_and_errors() {
     }
     assert_eq!(seen, ["1", "1", "3", "3"]);
     for (order, code) in [("FAILED-5", "4"), ("EXPIRED-5", "5"), ("UNKNOWN-5", "9")] {
-        assert_eq!(ga_detail(&s, order, &token).await["data"]["payStatus"], code);
+        assert_eq!(
+            ga_detail(&s, order, &token).await["data"]["payStatus"],
+            code
+        );
     }
     let paid = ga_detail(&s, "PAID-5", &token).await;
     let d = &paid["data"];
@@ -494,7 +527,8 @@ async fn rate_limit_answers_429_in_each_retry_after_mode() {
                 assert!(secs > 50, "about 100 s to wait at 0.01 req/s: {secs}");
             }
             RetryAfterMode::HttpDate => {
-                let at = httpdate::parse_http_date(ra.as_deref().expect("date")).expect("HTTP date");
+                let at =
+                    httpdate::parse_http_date(ra.as_deref().expect("date")).expect("HTTP date");
                 assert!(at > SystemTime::now() + Duration::from_secs(50));
             }
             RetryAfterMode::Zero => assert_eq!(ra.as_deref(), Some("0")),
@@ -544,7 +578,11 @@ async fn observe(r: reqwest::Response, family: &str) -> Seen {
     let Ok(v) = serde_json::from_slice::<Value>(&body) else {
         return Seen::Malformed;
     };
-    let code = if family == "pp" { &v["code"] } else { &v["statusCode"] };
+    let code = if family == "pp" {
+        &v["code"]
+    } else {
+        &v["statusCode"]
+    };
     match code.as_i64() {
         Some(200) => Seen::Ok,
         Some(c) => Seen::BodyCode(c),
@@ -654,7 +692,10 @@ async fn random_faults_hit_every_endpoint() {
     let r = pp_get(&s, "/api/mer/conf/list/currency").await;
     assert_eq!(r.status(), 503);
     let r = client()
-        .post(format!("{}/api/v3/get-management-token", s.genauth_base_url()))
+        .post(format!(
+            "{}/api/v3/get-management-token",
+            s.genauth_base_url()
+        ))
         .body("{}")
         .send()
         .await
@@ -700,7 +741,10 @@ async fn shutdown_cuts_slow_answers_short() {
         ..MockOptions::default()
     })
     .await;
-    let url = format!("http://{}/api/mer/payment/detail?outTradeNo=PAID-1", s.addr());
+    let url = format!(
+        "http://{}/api/mer/payment/detail?outTradeNo=PAID-1",
+        s.addr()
+    );
     let ts = now_secs().to_string();
     let sig = sign(
         DEFAULT_API_SECRET.as_bytes(),

@@ -203,9 +203,10 @@ fn write_rfc3339(out: &mut String, t: DateTime<Utc>) {
         t.second()
     );
     if nanos == 0 {
-    } else if nanos % 1_000_000 == 0 {
+        // Whole seconds: no fraction.
+    } else if nanos.is_multiple_of(1_000_000) {
         let _ = write!(out, ".{:03}", nanos / 1_000_000);
-    } else if nanos % 1_000 == 0 {
+    } else if nanos.is_multiple_of(1_000) {
         let _ = write!(out, ".{:06}", nanos / 1_000);
     } else {
         let _ = write!(out, ".{nanos:09}");

@@ -105,11 +105,17 @@ pub struct PollRecord {
 }
 
 /// What a poll found.
+// Detail is the common case; boxing it would add an allocation per poll for the
+// sake of the rare failure variant.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone)]
 pub enum PollOutcome {
     Detail(PayDetail),
     /// `status` is `Error` or `NotFound`; `reason` says what went wrong (no secrets).
-    Failed { status: PayStatus, reason: String },
+    Failed {
+        status: PayStatus,
+        reason: String,
+    },
 }
 
 impl PollOutcome {
@@ -232,9 +238,11 @@ pub trait StateStore: Send + Sync {
     /// Marks a batch as committed: its file and manifest are durable.
     fn commit_batch(&self, batch_id: i64, now: DateTime<Utc>) -> Result<(), StateError>;
 
+    /// When the last batch was committed (the last export), if ever.
+    fn last_commit_at(&self) -> Result<Option<DateTime<Utc>>, StateError>;
+
     /// Records the start of a run (`command` is `run`, `daemon`, ...).
-    fn start_run(&self, run_id: &str, command: &str, now: DateTime<Utc>)
-    -> Result<(), StateError>;
+    fn start_run(&self, run_id: &str, command: &str, now: DateTime<Utc>) -> Result<(), StateError>;
 
     /// Records a run's end and summary.
     fn finish_run(

@@ -16,15 +16,23 @@
 //! - `orders`: one row per (provider, order_no): the input row (`input`, JSON array of
 //!   `[name, value]` pairs in input order), where it was first read (`source`,
 //!   `line`, `first_run`, `first_seen_at`), the last poll (`status`,
-//!   `provider_status`, `detail` JSON, `last_error`, `last_run`, `last_observed_at`),
-//!   the schedule (`tracking`, `next_poll_at`, `lease_until`) and counters (`polls`:
-//!   poll cycles, for backoff; `api_calls`: HTTP attempts, the output `polls` column).
-//!   Indexed by (provider, tracking, next_poll_at) for claiming due orders.
-//! - `observations`: the output rows, as the JSON of [`Observation`], in `seq` order;
-//!   `UNIQUE (provider, order_no, status, tracking)` makes "one row per pair, ever"
-//!   a constraint. `batch_id` is NULL until the row is staged for export.
-//! - `batches`: one per output file: `staged` until its file and manifest are
-//!   durable, then `committed`.
+//!   `provider_status`, `last_error`, `last_run`, `last_observed_at`), the schedule
+//!   (`tracking`, `next_poll_at`, `lease_until`), counters (`polls`: poll cycles, for
+//!   backoff; `api_calls`: HTTP attempts, the output `polls` column) and `observed`:
+//!   the (status, tracking) pairs already written as observation rows
+//!   (`"pending/polling paid/settled"`). Indexed by (provider, tracking,
+//!   next_poll_at) for claiming due orders.
+//! - `observations`: the output rows, append-only, as the JSON of [`Observation`]
+//!   (which holds the full pay detail), numbered by `seq` (AUTOINCREMENT: never
+//!   reused). A row is inserted only when its pair is not yet in the order's
+//!   `observed`, which is updated in the same statement sequence and transaction:
+//!   that is the "never twice per (provider, order_no, status, tracking)" rule. It
+//!   lives in the order's row, which every poll rewrites anyway, rather than in a
+//!   UNIQUE index whose random inserts would cost a page write per row.
+//! - `batches`: one per output file, covering the consecutive range
+//!   `first_seq..=last_seq` of observations (the rows after the previous batch):
+//!   `staged` until its file and manifest are durable, then `committed`. Staging
+//!   writes one row, whatever the batch size.
 //! - `runs`: start, end and summary of each run, for `paysync status`.
 //! - `queue_positions`: how far each queue file has been read.
 //!
@@ -33,7 +41,8 @@
 //! newer version than this build knows is refused ([`StateError::NewerSchema`]).
 //!
 //! # Durability
-//! WAL mode with `synchronous = NORMAL`: every transaction is atomic and survives a
+//! WAL mode with `synchronous = NORMAL` and a large auto-checkpoint (see
+//! `WAL_AUTOCHECKPOINT_PAGES`): every transaction is atomic and survives a
 //! process crash; a power loss may roll back the last few transactions (never half
 //! of one, never out of order). That is safe for polling state: an order's queue
 //! position is saved with its admission, and a lost poll is simply polled again.
@@ -50,7 +59,9 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use rusqlite::types::ValueRef;
-use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior, params};
+use rusqlite::{
+    Connection, OpenFlags, OptionalExtension, Transaction, TransactionBehavior, params,
+};
 
 use super::{
     Admission, Batch, DueOrder, NewOrder, OldestUnsettled, PollOutcome, PollRecord, QueuePosition,
@@ -66,6 +77,15 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// Page cache per connection, in KiB (SQLite's negative `cache_size`): large enough
 /// that polling a million orders does not re-read index pages from the OS.
 const CACHE_KIB: i64 = 64 * 1024;
+
+/// WAL pages written before SQLite checkpoints them into the database (64 MiB at
+/// 4 KiB pages). One call of 1000 orders with random order numbers dirties about as
+/// many index pages, so SQLite's default (1000) would checkpoint, and fsync, after
+/// nearly every call.
+const WAL_AUTOCHECKPOINT_PAGES: i64 = 16 * 1024;
+
+/// The WAL file is truncated to this size after a checkpoint.
+const WAL_SIZE_LIMIT: i64 = 64 * 1024 * 1024;
 
 /// Prepared statements kept per connection (every statement of this module fits).
 const STATEMENT_CACHE: usize = 64;
@@ -85,7 +105,6 @@ const MIGRATIONS: &[&str] = &[
         first_seen_at    INTEGER NOT NULL,
         status           TEXT,
         provider_status  TEXT,
-        detail           TEXT,
         tracking         TEXT NOT NULL DEFAULT 'polling',
         polls            INTEGER NOT NULL DEFAULT 0,
         api_calls        INTEGER NOT NULL DEFAULT 0,
@@ -94,6 +113,7 @@ const MIGRATIONS: &[&str] = &[
         last_error       TEXT,
         last_run         TEXT,
         last_observed_at INTEGER,
+        observed         TEXT NOT NULL DEFAULT '',
         PRIMARY KEY (provider, order_no)
     );
     CREATE INDEX orders_due ON orders (provider, tracking, next_poll_at);
@@ -103,22 +123,21 @@ const MIGRATIONS: &[&str] = &[
         id           INTEGER PRIMARY KEY,
         name         TEXT NOT NULL UNIQUE,
         state        TEXT NOT NULL CHECK (state IN ('staged', 'committed')),
+        first_seq    INTEGER NOT NULL,
+        last_seq     INTEGER NOT NULL,
         rows         INTEGER NOT NULL,
         created_at   INTEGER NOT NULL,
         committed_at INTEGER
     );
 
     CREATE TABLE observations (
-        seq      INTEGER PRIMARY KEY,
+        seq      INTEGER PRIMARY KEY AUTOINCREMENT,
         provider TEXT NOT NULL,
         order_no TEXT NOT NULL,
         status   TEXT NOT NULL,
         tracking TEXT NOT NULL,
-        row      TEXT NOT NULL,
-        batch_id INTEGER REFERENCES batches (id),
-        UNIQUE (provider, order_no, status, tracking)
+        row      TEXT NOT NULL
     );
-    CREATE INDEX observations_batch ON observations (batch_id);
 
     CREATE TABLE runs (
         run_id      TEXT PRIMARY KEY,
@@ -144,8 +163,12 @@ const NOT_POLLED: &str = "not_polled";
 /// The SQLite state store. See the module documentation for files, schema and
 /// durability.
 pub struct SqliteStore {
-    // Field order is drop order: the connection closes before the lock is released.
+    // Field order is drop order: the connections close before the lock is released.
+    /// Every write, and the short reads.
     conn: Mutex<Connection>,
+    /// Long reads (exporting a batch, the status report) on their own WAL snapshot,
+    /// so that polling goes on while a batch is written out.
+    reader: Mutex<Connection>,
     path: PathBuf,
     _lock: File,
 }
@@ -202,8 +225,17 @@ impl SqliteStore {
             "UPDATE orders SET lease_until = NULL WHERE lease_until IS NOT NULL",
             [],
         )?;
+        let reader = Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(|e| open_err(e.into()))?;
+        reader
+            .busy_timeout(BUSY_TIMEOUT)
+            .map_err(|e| open_err(e.into()))?;
         Ok(SqliteStore {
             conn: Mutex::new(conn),
+            reader: Mutex::new(reader),
             path: path.to_owned(),
             _lock: lock,
         })
@@ -254,12 +286,28 @@ impl SqliteStore {
         &self,
         f: impl FnOnce(&Transaction<'_>) -> Result<T, StateError>,
     ) -> Result<T, StateError> {
-        let mut conn = self.conn();
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Deferred)?;
-        let out = f(&tx)?;
-        tx.commit()?;
-        Ok(out)
+        read_on(&mut self.conn(), f)
     }
+
+    /// Runs `f` in one read transaction on the reader connection: a consistent
+    /// snapshot that does not block writes.
+    fn read_snapshot<T>(
+        &self,
+        f: impl FnOnce(&Transaction<'_>) -> Result<T, StateError>,
+    ) -> Result<T, StateError> {
+        let mut reader = self.reader.lock().unwrap_or_else(PoisonError::into_inner);
+        read_on(&mut reader, f)
+    }
+}
+
+fn read_on<T>(
+    conn: &mut Connection,
+    f: impl FnOnce(&Transaction<'_>) -> Result<T, StateError>,
+) -> Result<T, StateError> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Deferred)?;
+    let out = f(&tx)?;
+    tx.commit()?;
+    Ok(out)
 }
 
 /// `<path>.lock`.
@@ -304,6 +352,8 @@ fn configure(conn: &Connection) -> rusqlite::Result<()> {
     conn.pragma_update(None, "synchronous", "NORMAL")?;
     conn.pragma_update(None, "foreign_keys", "ON")?;
     conn.pragma_update(None, "cache_size", -CACHE_KIB)?;
+    conn.pragma_update(None, "wal_autocheckpoint", WAL_AUTOCHECKPOINT_PAGES)?;
+    conn.pragma_update(None, "journal_size_limit", WAL_SIZE_LIMIT)?;
     conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
     Ok(())
 }
@@ -469,12 +519,17 @@ impl StateStore for SqliteStore {
 
     fn next_due_at(&self, provider: ProviderKind) -> Result<Option<DateTime<Utc>>, StateError> {
         self.read(|tx| {
+            // Not MIN(): with the lease filter that would visit every tracked order;
+            // this walks `orders_due` from the front, past leased orders only.
             let next: Option<i64> = tx
                 .prepare_cached(
-                    "SELECT MIN(next_poll_at) FROM orders
-                     WHERE provider = ?1 AND tracking = 'polling' AND lease_until IS NULL",
+                    "SELECT next_poll_at FROM orders
+                     WHERE provider = ?1 AND tracking = 'polling' AND next_poll_at IS NOT NULL
+                       AND lease_until IS NULL
+                     ORDER BY next_poll_at LIMIT 1",
                 )?
-                .query_row([provider.as_str()], |r| r.get(0))?;
+                .query_row([provider.as_str()], |r| r.get(0))
+                .optional()?;
             next.map(from_ms).transpose()
         })
     }
@@ -482,77 +537,77 @@ impl StateStore for SqliteStore {
     fn record_polls(&self, run_id: &str, polls: &[PollRecord]) -> Result<(), StateError> {
         self.write(|tx| {
             let mut load = tx.prepare_cached(
-                "SELECT rowid, status, tracking, api_calls
+                "SELECT rowid, api_calls, observed, input, first_seen_at
                  FROM orders WHERE provider = ?1 AND order_no = ?2",
             )?;
             let mut update = tx.prepare_cached(
-                "UPDATE orders SET status = ?2, provider_status = ?3, detail = ?4,
-                    last_error = ?5, polls = polls + 1, api_calls = ?6, tracking = ?7,
-                    next_poll_at = ?8, lease_until = NULL, last_run = ?9,
-                    last_observed_at = ?10
+                "UPDATE orders SET status = ?2, provider_status = ?3, last_error = ?4,
+                    polls = polls + 1, api_calls = ?5, tracking = ?6, next_poll_at = ?7,
+                    lease_until = NULL, last_run = ?8, last_observed_at = ?9,
+                    observed = COALESCE(?10, observed)
                  WHERE rowid = ?1",
             )?;
-            let mut order_facts =
-                tx.prepare_cached("SELECT input, first_seen_at FROM orders WHERE rowid = ?1")?;
             let mut observe = tx.prepare_cached(
                 "INSERT INTO observations (provider, order_no, status, tracking, row)
-                 VALUES (?1, ?2, ?3, ?4, ?5)
-                 ON CONFLICT (provider, order_no, status, tracking) DO NOTHING",
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
             )?;
             for p in polls {
                 let provider = p.provider.as_str();
                 let order_no = p.order_no.as_str();
                 let status = p.outcome.status();
+                let pair = observed_pair(status, p.tracking);
 
-                let (rowid, unchanged, api_calls) = {
+                // `fresh`: the order's input and first-seen time, when this poll
+                // observes a (status, tracking) pair for the first time.
+                let (rowid, api_calls, fresh) = {
                     let mut rows = load.query(params![provider, order_no])?;
                     let row = rows.next()?.ok_or_else(|| {
                         StateError::Corrupt(format!(
                             "poll recorded for order {provider}/{order_no}, which is not registered"
                         ))
                     })?;
-                    let old_status = row.get_ref(1)?;
-                    let old_tracking = text(row.get_ref(2)?, "tracking")?;
-                    let unchanged = matches!(old_status, ValueRef::Text(s) if s == status.as_str().as_bytes())
-                        && old_tracking == p.tracking.as_str();
-                    let calls = parse_u32("api_calls", row.get(3)?)?.saturating_add(p.attempts);
-                    (row.get::<_, i64>(0)?, unchanged, calls)
+                    let calls = parse_u32("api_calls", row.get(1)?)?.saturating_add(p.attempts);
+                    let observed = text(row.get_ref(2)?, "observed pairs")?;
+                    let fresh = if observed.split(' ').any(|seen| seen == pair) {
+                        None
+                    } else {
+                        let input = text(row.get_ref(3)?, "input columns")?.to_owned();
+                        let observed = if observed.is_empty() {
+                            pair.clone()
+                        } else {
+                            format!("{observed} {pair}")
+                        };
+                        Some((input, row.get::<_, i64>(4)?, observed))
+                    };
+                    (row.get::<_, i64>(0)?, calls, fresh)
                 };
 
-                let (detail_json, provider_status, error) = match &p.outcome {
-                    PollOutcome::Detail(d) => (
-                        Some(serde_json::to_string(d).map_err(|e| {
-                            StateError::Corrupt(format!("pay detail of {order_no}: {e}"))
-                        })?),
-                        Some(d.provider_status.as_str()),
-                        None,
-                    ),
-                    PollOutcome::Failed { reason, .. } => (None, None, Some(reason.as_str())),
+                let (provider_status, error) = match &p.outcome {
+                    PollOutcome::Detail(d) => (Some(d.provider_status.as_str()), None),
+                    PollOutcome::Failed { reason, .. } => (None, Some(reason.as_str())),
                 };
+                // A tracked order always has a next poll time: without one it is due
+                // at once rather than never.
                 let next_poll_at = match p.tracking {
-                    Tracking::Polling => p.next_poll_at.map(to_ms),
+                    Tracking::Polling => Some(to_ms(p.next_poll_at.unwrap_or(p.observed_at))),
                     Tracking::Settled | Tracking::Deadline => None,
                 };
                 update.execute(params![
                     rowid,
                     status.as_str(),
                     provider_status,
-                    detail_json,
                     error,
                     api_calls,
                     p.tracking.as_str(),
                     next_poll_at,
                     run_id,
                     to_ms(p.observed_at),
+                    fresh.as_ref().map(|(_, _, observed)| observed),
                 ])?;
 
-                // Every earlier poll stored its (status, tracking) observation, so an
-                // unchanged pair has its row already.
-                if unchanged {
+                let Some((input, first_seen_at, _)) = fresh else {
                     continue;
-                }
-                let (input, first_seen_at) =
-                    order_facts.query_row([rowid], |r| Ok((r.get::<_, String>(0)?, r.get(1)?)))?;
+                };
                 let input = serde_json::from_str(&input).map_err(|e| {
                     StateError::Corrupt(format!("input columns of {order_no}: {e}"))
                 })?;
@@ -585,31 +640,24 @@ impl StateStore for SqliteStore {
 
     fn stage_batch(&self, name: &str, now: DateTime<Utc>) -> Result<Option<Batch>, StateError> {
         self.write_synced(|tx| {
-            let pending: bool = tx.query_row(
-                "SELECT EXISTS (SELECT 1 FROM observations WHERE batch_id IS NULL)",
-                [],
-                |r| r.get(0),
+            let first = next_unstaged_seq(tx)?;
+            let (last, rows): (Option<i64>, i64) = tx.query_row(
+                "SELECT MAX(seq), COUNT(*) FROM observations WHERE seq >= ?1",
+                [first],
+                |r| Ok((r.get(0)?, r.get(1)?)),
             )?;
-            if !pending {
+            let Some(last) = last else {
                 return Ok(None);
-            }
+            };
             tx.execute(
-                "INSERT INTO batches (name, state, rows, created_at) VALUES (?1, 'staged', 0, ?2)",
-                params![name, to_ms(now)],
-            )?;
-            let id = tx.last_insert_rowid();
-            let rows = tx.execute(
-                "UPDATE observations SET batch_id = ?1 WHERE batch_id IS NULL",
-                [id],
-            )?;
-            tx.execute(
-                "UPDATE batches SET rows = ?2 WHERE id = ?1",
-                params![id, rows as i64],
+                "INSERT INTO batches (name, state, first_seq, last_seq, rows, created_at)
+                 VALUES (?1, 'staged', ?2, ?3, ?4, ?5)",
+                params![name, first, last, rows, to_ms(now)],
             )?;
             Ok(Some(Batch {
-                id,
+                id: tx.last_insert_rowid(),
                 name: name.to_owned(),
-                rows: rows as u64,
+                rows: parse_u64("batch rows", rows)?,
                 created_at: from_ms(to_ms(now))?,
             }))
         })
@@ -634,18 +682,27 @@ impl StateStore for SqliteStore {
         })
     }
 
-    /// Streams the rows in `seq` order. `visit` runs while the store is locked: it
-    /// must not call back into the store.
+    /// Streams the rows in `seq` order, on the reader connection: the store's other
+    /// methods keep working meanwhile, but `visit` must not call `visit_batch` or
+    /// `status_report` (they wait for the reader).
     fn visit_batch(
         &self,
         batch_id: i64,
         visit: &mut dyn FnMut(Observation) -> Result<(), StateError>,
     ) -> Result<(), StateError> {
-        self.read(|tx| {
+        self.read_snapshot(|tx| {
+            let (first, last): (i64, i64) = tx
+                .query_row(
+                    "SELECT first_seq, last_seq FROM batches WHERE id = ?1",
+                    [batch_id],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .optional()?
+                .ok_or_else(|| StateError::Corrupt(format!("batch {batch_id} does not exist")))?;
             let mut stmt = tx.prepare_cached(
-                "SELECT seq, row FROM observations WHERE batch_id = ?1 ORDER BY seq",
+                "SELECT seq, row FROM observations WHERE seq BETWEEN ?1 AND ?2 ORDER BY seq",
             )?;
-            let mut rows = stmt.query([batch_id])?;
+            let mut rows = stmt.query([first, last])?;
             while let Some(r) = rows.next()? {
                 let seq: i64 = r.get(0)?;
                 let obs = serde_json::from_str(text(r.get_ref(1)?, "observation row")?)
@@ -668,6 +725,17 @@ impl StateStore for SqliteStore {
                 )));
             }
             Ok(())
+        })
+    }
+
+    fn last_commit_at(&self) -> Result<Option<DateTime<Utc>>, StateError> {
+        self.read(|tx| {
+            let ms: Option<i64> = tx.query_row(
+                "SELECT MAX(committed_at) FROM batches WHERE state = 'committed'",
+                [],
+                |r| r.get(0),
+            )?;
+            ms.map(from_ms).transpose()
         })
     }
 
@@ -733,7 +801,7 @@ impl StateStore for SqliteStore {
     }
 
     fn status_report(&self, last_runs: usize) -> Result<StatusReport, StateError> {
-        self.read(|tx| {
+        self.read_snapshot(|tx| {
             let providers: Vec<String> = tx
                 .prepare("SELECT DISTINCT provider FROM orders LIMIT 2")?
                 .query_map([], |r| r.get(0))?
@@ -785,8 +853,8 @@ impl StateStore for SqliteStore {
                 .transpose()?;
 
             let unexported: i64 = tx.query_row(
-                "SELECT COUNT(*) FROM observations WHERE batch_id IS NULL",
-                [],
+                "SELECT COUNT(*) FROM observations WHERE seq >= ?1",
+                [next_unstaged_seq(tx)?],
                 |r| r.get(0),
             )?;
 
@@ -844,6 +912,16 @@ impl StateStore for SqliteStore {
     }
 }
 
+/// The first observation `seq` not in any batch: batches are consecutive `seq`
+/// ranges, and `seq` only grows (AUTOINCREMENT, rows are never deleted).
+fn next_unstaged_seq(tx: &Transaction<'_>) -> Result<i64, StateError> {
+    let last: Option<i64> = tx
+        .prepare_cached("SELECT last_seq FROM batches ORDER BY id DESC LIMIT 1")?
+        .query_row([], |r| r.get(0))
+        .optional()?;
+    Ok(last.map_or(1, |l| l + 1))
+}
+
 fn save_queue_position(tx: &Transaction<'_>, q: &QueuePosition) -> Result<(), StateError> {
     tx.prepare_cached(
         "INSERT INTO queue_positions (path, identity, offset) VALUES (?1, ?2, ?3)
@@ -855,6 +933,12 @@ fn save_queue_position(tx: &Transaction<'_>, q: &QueuePosition) -> Result<(), St
         to_i64("queue offset", q.offset)?
     ])?;
     Ok(())
+}
+
+/// How a (status, tracking) pair is listed in `orders.observed` (space-separated;
+/// neither name contains a space).
+fn observed_pair(status: PayStatus, tracking: Tracking) -> String {
+    format!("{}/{}", status.as_str(), tracking.as_str())
 }
 
 /// The output row for poll `p` of an order with `api_calls` calls so far.
@@ -1201,9 +1285,10 @@ mod tests {
         );
     }
 
-    /// One observation row per (status, tracking) pair: polling `pending` twice gives
-    /// one row, then `paid`/`settled` a second; `polls` counts API calls; rows carry
-    /// the detail, the input columns in order and the first-seen time.
+    /// One observation row per (status, tracking) pair, ever: polling `pending` twice
+    /// gives one row, `confirming` a second, `pending` again none (the pair was
+    /// written before), `paid`/`settled` a third; `polls` counts API calls; rows
+    /// carry the detail, the input columns in order and the first-seen time.
     #[test]
     fn record_polls_observes_each_pair_once() {
         let (_dir, s) = store();
@@ -1217,6 +1302,16 @@ mod tests {
         second.attempts = 3;
         s.record_polls("r1", &[second]).unwrap();
         s.record_polls(
+            "r1",
+            &[poll("A", PayStatus::Confirming, Tracking::Polling, at(91))],
+        )
+        .unwrap();
+        s.record_polls(
+            "r1",
+            &[poll("A", PayStatus::Pending, Tracking::Polling, at(101))],
+        )
+        .unwrap();
+        s.record_polls(
             "r2",
             &[poll("A", PayStatus::Paid, Tracking::Settled, at(121))],
         )
@@ -1226,10 +1321,18 @@ mod tests {
         assert_eq!(s.next_due_at(PP).unwrap(), None);
 
         let batch = s.stage_batch("b1", at(200)).unwrap().unwrap();
-        assert_eq!(batch.rows, 2);
+        assert_eq!(batch.rows, 3);
         let rows = batch_rows(&s, batch.id);
-        assert_eq!(rows.len(), 2);
-        let (pending, paid) = (&rows[0], &rows[1]);
+        let pairs: Vec<_> = rows.iter().map(|o| (o.status, o.tracking)).collect();
+        assert_eq!(
+            pairs,
+            [
+                (PayStatus::Pending, Tracking::Polling),
+                (PayStatus::Confirming, Tracking::Polling),
+                (PayStatus::Paid, Tracking::Settled)
+            ]
+        );
+        let (pending, paid) = (&rows[0], &rows[2]);
         assert_eq!(pending.status, PayStatus::Pending);
         assert_eq!(pending.tracking, Tracking::Polling);
         assert!(!pending.settled);
@@ -1238,7 +1341,8 @@ mod tests {
         assert_eq!(paid.status, PayStatus::Paid);
         assert_eq!(paid.tracking, Tracking::Settled);
         assert!(paid.settled);
-        assert_eq!(paid.polls, 5, "1 + 3 + 1 API calls");
+        assert_eq!(rows[1].polls, 5, "1 + 3 + 1 API calls");
+        assert_eq!(paid.polls, 7, "1 + 3 + 1 + 1 + 1 API calls");
         assert_eq!(paid.provider, "payprotocol");
         assert_eq!(paid.order_no, "A");
         assert_eq!(paid.provider_status, "raw-paid");
@@ -1324,7 +1428,7 @@ mod tests {
 
     /// Export batches: staging takes every unexported row; a staged batch stays open
     /// (listed, visited in the same order every time) until committed; a later stage
-    /// takes only rows recorded since.
+    /// takes only rows recorded since; `last_commit_at` tells when the last commit was.
     #[test]
     fn batches_stage_visit_commit() {
         let (_dir, s) = store();
@@ -1359,7 +1463,9 @@ mod tests {
         )
         .unwrap();
         assert_eq!(s.status_report(0).unwrap().unexported_rows, 1);
+        assert_eq!(s.last_commit_at().unwrap(), None);
         s.commit_batch(b1.id, at(4)).unwrap();
+        assert_eq!(s.last_commit_at().unwrap(), Some(at(4)));
         assert!(s.open_batches().unwrap().is_empty());
 
         let b2 = s.stage_batch("paysync-r2", at(5)).unwrap().unwrap();
@@ -1376,6 +1482,34 @@ mod tests {
 
         // Committing a batch that does not exist is an error, not a silent no-op.
         assert!(s.commit_batch(999, at(8)).is_err());
+    }
+
+    /// Exporting does not stop polling: while a batch is visited, orders can be
+    /// added and polls recorded, and the batch's rows stay exactly what was staged.
+    #[test]
+    fn polling_continues_during_visit() {
+        let (_dir, s) = store();
+        add(&s, "r1", &["A", "B"], at(0));
+        s.record_polls(
+            "r1",
+            &[poll("A", PayStatus::Pending, Tracking::Polling, at(1))],
+        )
+        .unwrap();
+        let b = s.stage_batch("b", at(2)).unwrap().unwrap();
+        let mut seen = Vec::new();
+        s.visit_batch(b.id, &mut |o| {
+            add(&s, "r1", &["C"], at(3));
+            s.record_polls(
+                "r1",
+                &[poll("B", PayStatus::Paid, Tracking::Settled, at(3))],
+            )?;
+            seen.push(o.order_no);
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(seen, ["A"]);
+        assert_eq!(batch_rows(&s, b.id).len(), 1);
+        assert_eq!(s.status_report(0).unwrap().unexported_rows, 1);
     }
 
     /// A visitor's error stops the visit and is returned as is.
@@ -1461,33 +1595,62 @@ mod tests {
         );
     }
 
-    /// Throughput at scale: per-order cost of each call with batches of 1000 orders.
-    /// Run with `cargo test --release --lib state::sqlite::tests::per_order_cost --
-    /// --ignored --nocapture` (`PAYSYNC_BENCH_ORDERS` sets the order count).
+    /// Time spent: wall clock and this thread's time on a CPU (Linux schedstat),
+    /// which stays meaningful on a loaded machine.
+    #[derive(Default, Clone, Copy)]
+    struct Spent {
+        wall: Duration,
+        cpu: Duration,
+    }
+
+    fn thread_cpu() -> Duration {
+        fs::read_to_string("/proc/thread-self/schedstat")
+            .ok()
+            .and_then(|s| s.split_whitespace().next()?.parse().ok())
+            .map_or(Duration::ZERO, Duration::from_nanos)
+    }
+
+    fn timed<T>(spent: &mut Spent, f: impl FnOnce() -> T) -> T {
+        let (wall, cpu) = (std::time::Instant::now(), thread_cpu());
+        let out = f();
+        spent.wall += wall.elapsed();
+        spent.cpu += thread_cpu().saturating_sub(cpu);
+        out
+    }
+
+    fn report(what: &str, spent: Spent, n: usize) {
+        let per = |d: Duration| d.as_secs_f64() * 1e6 / n as f64;
+        println!(
+            "{what:>32}: {:6.2} µs/order wall, {:6.2} µs/order cpu",
+            per(spent.wall),
+            per(spent.cpu)
+        );
+    }
+
+    /// Throughput at scale: per-order cost of each call with batches of 1000 orders
+    /// (random order numbers). Run with `cargo test --release --lib
+    /// state::sqlite::tests::per_order_cost -- --ignored --nocapture`;
+    /// `PAYSYNC_BENCH_ORDERS` sets the order count.
     #[test]
     #[ignore = "benchmark"]
     fn per_order_cost() {
-        use std::time::Instant;
         let n: usize = std::env::var("PAYSYNC_BENCH_ORDERS")
             .ok()
             .and_then(|v| v.parse().ok())
             .unwrap_or(200_000);
         let chunk = 1000;
         let (_dir, s) = store();
+        // 7919 is prime: a permutation of 0..n unless n is a multiple of it.
         let names: Vec<String> = (0..n)
             .map(|i| format!("ORD-{:09}", (i * 7919) % n))
             .collect();
-        let report = |what: &str, t: Instant| {
-            let per = t.elapsed().as_secs_f64() * 1e6 / n as f64;
-            println!("{what:>14}: {per:6.2} µs/order ({:.2?} total)", t.elapsed());
-        };
 
-        let t = Instant::now();
+        let mut spent = Spent::default();
         for (c, names) in names.chunks(chunk).enumerate() {
             let orders: Vec<_> = names.iter().map(|n| new_order(n, c as u64)).collect();
-            s.add_orders("bench", &orders, at(0), None).unwrap();
+            timed(&mut spent, || s.add_orders("bench", &orders, at(0), None)).unwrap();
         }
-        report("add_orders", t);
+        report("add_orders", spent, n);
 
         for (round, status, tracking) in [
             (1, PayStatus::Pending, Tracking::Polling),
@@ -1495,13 +1658,12 @@ mod tests {
             (3, PayStatus::Paid, Tracking::Settled),
         ] {
             let now = at(round * 1000);
-            let (mut claim, mut record) = (Duration::ZERO, Duration::ZERO);
+            let (mut claim, mut record) = (Spent::default(), Spent::default());
             loop {
-                let t = Instant::now();
-                let due = s
-                    .claim_due(PP, now, chunk, Duration::from_secs(60))
-                    .unwrap();
-                claim += t.elapsed();
+                let due = timed(&mut claim, || {
+                    s.claim_due(PP, now, chunk, Duration::from_secs(60))
+                })
+                .unwrap();
                 if due.is_empty() {
                     break;
                 }
@@ -1509,34 +1671,38 @@ mod tests {
                     .iter()
                     .map(|d| poll(d.order_no.as_str(), status, tracking, now))
                     .collect();
-                let t = Instant::now();
-                s.record_polls("bench", &polls).unwrap();
-                record += t.elapsed();
+                timed(&mut record, || s.record_polls("bench", &polls)).unwrap();
             }
-            let per = |d: Duration| d.as_secs_f64() * 1e6 / n as f64;
-            println!(
-                "round {round} ({status}/{tracking}): claim_due {:.2} µs/order, record_polls {:.2} µs/order",
-                per(claim),
-                per(record)
+            report(&format!("round {round} claim_due"), claim, n);
+            report(
+                &format!("round {round} record_polls {status}/{tracking}"),
+                record,
+                n,
             );
         }
 
-        let t = Instant::now();
-        let b = s.stage_batch("bench", at(9999)).unwrap().unwrap();
-        report("stage_batch", t);
+        let mut spent = Spent::default();
+        let b = timed(&mut spent, || s.stage_batch("bench", at(9999)))
+            .unwrap()
+            .unwrap();
+        report("stage_batch", spent, n);
         assert_eq!(b.rows as usize, 2 * n);
-        let t = Instant::now();
+        let mut spent = Spent::default();
         let mut rows = 0;
-        s.visit_batch(b.id, &mut |_| {
-            rows += 1;
-            Ok(())
+        timed(&mut spent, || {
+            s.visit_batch(b.id, &mut |_| {
+                rows += 1;
+                Ok(())
+            })
         })
         .unwrap();
-        report("visit_batch", t);
+        report("visit_batch (2 rows/order)", spent, n);
         assert_eq!(rows, 2 * n);
-        let t = Instant::now();
-        s.status_report(10).unwrap();
-        s.run_status_counts("bench").unwrap();
-        report("status+counts", t);
+        let mut spent = Spent::default();
+        timed(&mut spent, || {
+            s.status_report(10).unwrap();
+            s.run_status_counts("bench").unwrap();
+        });
+        report("status_report+run_status_counts", spent, n);
     }
 }

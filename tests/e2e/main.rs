@@ -2,6 +2,7 @@
 //! 127.0.0.1 (port 0), with real config files, SQLite state and output on disk.
 
 mod core;
+mod daemon;
 mod genauth;
 mod settle;
 mod util;

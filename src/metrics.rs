@@ -1,0 +1,136 @@
+//! Daemon metrics in the Prometheus text format, served on `metrics.listen`
+//! (off by default): request counters from the transport, orders by status and
+//! tracking state, the oldest unsettled order's age, rows waiting for export, and
+//! the last export time. The format is a handful of lines, written directly.
+
+use std::fmt::Write as _;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::header;
+use axum::response::IntoResponse;
+use axum::routing::get;
+
+use crate::fetch::Stats;
+use crate::state::{StateStore, StatusReport};
+
+/// What a scrape reads.
+#[derive(Clone)]
+pub struct Sources {
+    pub stats: Arc<Stats>,
+    pub store: Arc<dyn StateStore>,
+}
+
+/// Renders the exposition text for a status report and the request counters.
+pub fn render(
+    stats: &Stats,
+    report: &StatusReport,
+    last_export: Option<chrono::DateTime<chrono::Utc>>,
+    now: chrono::DateTime<chrono::Utc>,
+) -> String {
+    let mut out = String::new();
+    let mut counter = |name: &str, help: &str, samples: &[(&str, u64)]| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+        for (labels, v) in samples {
+            let _ = writeln!(out, "{name}{labels} {v}");
+        }
+    };
+    counter(
+        "paysync_requests_total",
+        "HTTP requests sent to the provider (token and currency calls included).",
+        &[("", Stats::get(&stats.requests))],
+    );
+    counter(
+        "paysync_request_failures_total",
+        "Failed attempts by class.",
+        &[
+            ("{class=\"throttled\"}", Stats::get(&stats.throttled)),
+            ("{class=\"timeout\"}", Stats::get(&stats.timeouts)),
+            ("{class=\"transport\"}", Stats::get(&stats.transport_errors)),
+            ("{class=\"server\"}", Stats::get(&stats.server_errors)),
+            ("{class=\"malformed\"}", Stats::get(&stats.malformed)),
+        ],
+    );
+    counter(
+        "paysync_throttled_total",
+        "Throttling answers (HTTP 429 or a 429 code in the body).",
+        &[("", Stats::get(&stats.throttled))],
+    );
+    counter(
+        "paysync_retries_total",
+        "Attempts that were retried.",
+        &[("", Stats::get(&stats.retries))],
+    );
+    let _ = writeln!(
+        out,
+        "# HELP paysync_orders Orders in the state store by status and tracking.\n# TYPE paysync_orders gauge"
+    );
+    for c in &report.by_status {
+        let _ = writeln!(
+            out,
+            "paysync_orders{{status=\"{}\",tracking=\"{}\"}} {}",
+            c.status, c.tracking, c.orders
+        );
+    }
+    let age = report
+        .oldest_unsettled
+        .as_ref()
+        .map(|o| (now - o.first_seen_at).num_milliseconds().max(0) as f64 / 1000.0)
+        .unwrap_or(0.0);
+    let _ = writeln!(
+        out,
+        "# HELP paysync_oldest_unsettled_age_seconds Age of the oldest order still tracked (0 if none).\n# TYPE paysync_oldest_unsettled_age_seconds gauge\npaysync_oldest_unsettled_age_seconds {age}"
+    );
+    let _ = writeln!(
+        out,
+        "# HELP paysync_unexported_rows Observation rows waiting for the next export.\n# TYPE paysync_unexported_rows gauge\npaysync_unexported_rows {}",
+        report.unexported_rows
+    );
+    let last = last_export
+        .map(|t| t.timestamp_millis() as f64 / 1000.0)
+        .unwrap_or(0.0);
+    let _ = writeln!(
+        out,
+        "# HELP paysync_last_export_timestamp_seconds Unix time of the last committed export (0 if none).\n# TYPE paysync_last_export_timestamp_seconds gauge\npaysync_last_export_timestamp_seconds {last}"
+    );
+    out
+}
+
+async fn scrape(State(src): State<Sources>) -> impl IntoResponse {
+    let store = src.store.clone();
+    let report = tokio::task::spawn_blocking(move || {
+        Ok::<_, crate::state::StateError>((store.status_report(0)?, store.last_commit_at()?))
+    })
+    .await;
+    match report {
+        Ok(Ok((report, last))) => (
+            [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+            render(&src.stats, &report, last, chrono::Utc::now()),
+        )
+            .into_response(),
+        _ => (
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            "state store unavailable\n",
+        )
+            .into_response(),
+    }
+}
+
+/// Serves `/metrics` on `addr` until `shutdown` resolves.
+pub async fn serve(
+    addr: SocketAddr,
+    sources: Sources,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    tracing::info!(%addr, "metrics endpoint listening");
+    let app = Router::new()
+        .route("/metrics", get(scrape))
+        .with_state(sources);
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+}
