@@ -31,7 +31,7 @@ pub enum InvalidOrderNo {
     TooLong(usize),
     #[error("order number contains whitespace")]
     Whitespace,
-    #[error("order number contains a control character")]
+    #[error("order number contains a control or invisible character")]
     Control,
 }
 
@@ -45,7 +45,7 @@ impl OrderNo {
         if s.len() > MAX_ORDER_NO_LEN {
             return Err(InvalidOrderNo::TooLong(s.len()));
         }
-        if s.chars().any(char::is_control) {
+        if s.chars().any(|c| c.is_control() || is_invisible(c)) {
             return Err(InvalidOrderNo::Control);
         }
         if s.chars().any(char::is_whitespace) {
@@ -57,6 +57,12 @@ impl OrderNo {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+}
+
+/// Invisible format characters (zero-width spaces and joiners, direction marks,
+/// word joiners, the BOM) that would make two order numbers look alike.
+fn is_invisible(c: char) -> bool {
+    matches!(c, '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2060}'..='\u{2064}' | '\u{FEFF}' | '\u{00AD}')
 }
 
 impl TryFrom<String> for OrderNo {
@@ -484,7 +490,12 @@ mod tests {
         assert_eq!(OrderNo::parse("A B"), Err(InvalidOrderNo::Whitespace));
         assert_eq!(OrderNo::parse("A\u{7}B"), Err(InvalidOrderNo::Control));
         assert_eq!(OrderNo::parse("A\tB"), Err(InvalidOrderNo::Control));
-        assert_eq!(OrderNo::parse(&"x".repeat(128)).unwrap().as_str().len(), 128);
+        assert_eq!(OrderNo::parse("A\u{FEFF}B"), Err(InvalidOrderNo::Control));
+        assert_eq!(OrderNo::parse("A\u{200B}B"), Err(InvalidOrderNo::Control));
+        assert_eq!(
+            OrderNo::parse(&"x".repeat(128)).unwrap().as_str().len(),
+            128
+        );
         assert_eq!(
             OrderNo::parse(&"x".repeat(129)),
             Err(InvalidOrderNo::TooLong(129))

@@ -27,7 +27,9 @@ fn stderr_is_journal() -> bool {
 pub fn init(format: LogFormat, level: Option<&str>) {
     let filter = match level {
         Some(l) => EnvFilter::new(l),
-        None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_FILTER)),
+        None => {
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_FILTER))
+        }
     };
     let json = match format {
         LogFormat::Json => true,
@@ -40,7 +42,11 @@ pub fn init(format: LogFormat, level: Option<&str>) {
         .with_target(false);
     // A second init (tests calling into the binary's code) is not an error.
     if json {
-        let _ = builder.json().flatten_event(true).with_current_span(true).try_init();
+        let _ = builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .try_init();
     } else {
         let _ = builder
             .with_ansi(std::io::stderr().is_terminal())

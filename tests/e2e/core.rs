@@ -32,7 +32,11 @@ async fn clean_run_writes_every_order_with_manifest() {
         orders.extend(numbered(marker, 3));
     }
     ws.write("orders.csv", &orders_csv(&orders));
-    ws.config(&server.payprotocol_base_url(), SECRET, "[settle]\nwait = \"20s\"\n");
+    ws.config(
+        &server.payprotocol_base_url(),
+        SECRET,
+        "[settle]\nwait = \"20s\"\n",
+    );
     let out = ws.run(&["--input", "orders.csv"]).await;
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
 
@@ -46,9 +50,18 @@ async fn clean_run_writes_every_order_with_manifest() {
             assert_eq!(r["status"], status, "{o}: {r}");
             assert_eq!(r["provider"], "payprotocol");
             assert_eq!(r["input"]["order_no"], o.as_str());
-            assert!(r["input"]["customer"].as_str().unwrap().starts_with("customer-"));
+            assert!(
+                r["input"]["customer"]
+                    .as_str()
+                    .unwrap()
+                    .starts_with("customer-")
+            );
             // `polls` is the number of API calls the server answered for the order.
-            assert_eq!(r["polls"].as_u64().unwrap(), u64::from(server.polls_of(&o)), "{o}");
+            assert_eq!(
+                r["polls"].as_u64().unwrap(),
+                u64::from(server.polls_of(&o)),
+                "{o}"
+            );
             let settled = status != "unknown" || r["tracking"] == "settled";
             assert_eq!(r["settled"], Value::Bool(settled));
         }
@@ -61,8 +74,14 @@ async fn clean_run_writes_every_order_with_manifest() {
     assert!(paid["paid_at"].as_str().unwrap().ends_with('Z'));
     assert_eq!(latest["T-NOTFOUND-0000"]["error"], "order not found");
     // Pending orders are observed once per status change.
-    let pending_rows: Vec<&Value> = rows.iter().filter(|r| r["order_no"] == "T-PENDING-0000").collect();
-    let statuses: Vec<&str> = pending_rows.iter().map(|r| r["status"].as_str().unwrap()).collect();
+    let pending_rows: Vec<&Value> = rows
+        .iter()
+        .filter(|r| r["order_no"] == "T-PENDING-0000")
+        .collect();
+    let statuses: Vec<&str> = pending_rows
+        .iter()
+        .map(|r| r["status"].as_str().unwrap())
+        .collect();
     assert_eq!(statuses, ["pending", "confirming", "paid"]);
 
     let c = server.counters().snapshot();
@@ -92,7 +111,10 @@ async fn csv_output_is_escaped_and_ordered() {
     let text = std::fs::read_to_string(ws.path("out").join(&file)).unwrap();
     let mut rdr = csv::Reader::from_reader(text.as_bytes());
     let header: Vec<String> = rdr.headers().unwrap().iter().map(str::to_owned).collect();
-    let mut want: Vec<String> = paysync::model::OUTPUT_COLUMNS.iter().map(|s| s.to_string()).collect();
+    let mut want: Vec<String> = paysync::model::OUTPUT_COLUMNS
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
     want.extend(["input.order_no", "input.customer", "input.note"].map(String::from));
     assert_eq!(header, want);
     let recs: Vec<csv::StringRecord> = rdr.records().map(Result::unwrap).collect();
@@ -137,7 +159,11 @@ async fn faults_are_retried_until_every_order_is_correct() {
     assert!(latest.values().all(|r| r["status"] == "paid"), "{latest:?}");
     let c = server.counters().snapshot();
     assert!(c.faults_injected > 0, "{c:?}");
-    assert_eq!(c.payprotocol_detail_requests, 40 + c.faults_injected, "{c:?}");
+    assert_eq!(
+        c.payprotocol_detail_requests,
+        40 + c.faults_injected,
+        "{c:?}"
+    );
     assert!(c.faults_injected <= 40, "{c:?}");
 }
 
@@ -155,7 +181,11 @@ async fn exhausted_retries_give_error_rows_and_exit_1() {
     let ws = Workspace::new();
     let orders = numbered("PAID", 10);
     ws.write("orders.csv", &orders_csv(&orders));
-    ws.config(&server.payprotocol_base_url(), SECRET, "[fetch]\nmax_attempts = 3\n");
+    ws.config(
+        &server.payprotocol_base_url(),
+        SECRET,
+        "[fetch]\nmax_attempts = 3\n",
+    );
     let out = ws.run(&["--input", "orders.csv"]).await;
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     let latest = latest(&ws.rows());
@@ -214,7 +244,10 @@ async fn bad_rows_go_to_rejects_and_the_run_goes_on() {
     assert!(recs[0].1.contains("empty"), "{recs:?}");
     assert!(recs[1].1.contains("whitespace"), "{recs:?}");
     assert!(recs[2].1.contains("fields"), "{recs:?}");
-    assert!(recs[3].1.contains("duplicate") && recs[3].1.contains("line 2"), "{recs:?}");
+    assert!(
+        recs[3].1.contains("duplicate") && recs[3].1.contains("line 2"),
+        "{recs:?}"
+    );
     assert!(recs[4].1.contains("control"), "{recs:?}");
 }
 
@@ -223,12 +256,18 @@ async fn bad_rows_go_to_rejects_and_the_run_goes_on() {
 async fn queue_file_input() {
     let server = mock(MockOptions::default()).await;
     let ws = Workspace::new();
-    ws.write("queue.txt", "# today\nT-PAID-1\n\n  T-PAID-2  \r\n#T-PAID-3\nT-FAILED-4\n");
+    ws.write(
+        "queue.txt",
+        "# today\nT-PAID-1\n\n  T-PAID-2  \r\n#T-PAID-3\nT-FAILED-4\n",
+    );
     ws.config(&server.payprotocol_base_url(), SECRET, "");
     let out = ws.run(&["--input", "queue.txt"]).await;
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     let latest = latest(&ws.rows());
-    assert_eq!(latest.keys().collect::<Vec<_>>(), ["T-FAILED-4", "T-PAID-1", "T-PAID-2"]);
+    assert_eq!(
+        latest.keys().collect::<Vec<_>>(),
+        ["T-FAILED-4", "T-PAID-1", "T-PAID-2"]
+    );
     assert_eq!(latest["T-PAID-2"]["input"], serde_json::json!({}));
 }
 
@@ -246,7 +285,10 @@ async fn missing_file_or_column_is_exit_2_without_requests() {
     let out = ws.run(&["--input", "orders.csv"]).await;
     assert_eq!(out.status.code(), Some(2));
     let err = stderr(&out);
-    assert!(err.contains("order_no") && err.contains("orders.csv"), "{err}");
+    assert!(
+        err.contains("order_no") && err.contains("orders.csv"),
+        "{err}"
+    );
     assert_eq!(server.counters().snapshot().total_requests, 0);
 }
 
@@ -293,7 +335,11 @@ async fn rate_limit_is_respected() {
 /// every worker, every order still ends paid, and throttling stays bounded.
 #[tokio::test(flavor = "multi_thread")]
 async fn server_throttling_pauses_all_workers() {
-    for mode in [RetryAfterMode::Seconds, RetryAfterMode::HttpDate, RetryAfterMode::Absent] {
+    for mode in [
+        RetryAfterMode::Seconds,
+        RetryAfterMode::HttpDate,
+        RetryAfterMode::Absent,
+    ] {
         let server = mock(MockOptions {
             rate_limit: Some(20.0),
             retry_after: mode,
@@ -329,15 +375,30 @@ async fn validate_checks_config_and_secrets() {
     std::fs::remove_file(ws.path("secret")).unwrap();
     let out = ws.paysync(&["validate", "--config", "config.toml"]).await;
     assert_eq!(out.status.code(), Some(2));
-    assert!(stderr(&out).contains("provider.api_secret_file"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("provider.api_secret_file"),
+        "{}",
+        stderr(&out)
+    );
 
-    ws.config("http://127.0.0.1:9/api/mer", SECRET, "[fetch]\nrate_limit = -2.0\n");
+    ws.config(
+        "http://127.0.0.1:9/api/mer",
+        SECRET,
+        "[fetch]\nrate_limit = -2.0\n",
+    );
     let out = ws.paysync(&["validate", "--config", "config.toml"]).await;
     assert_eq!(out.status.code(), Some(2));
     let err = stderr(&out);
-    assert!(err.contains("fetch.rate_limit") && err.contains("config.toml"), "{err}");
+    assert!(
+        err.contains("fetch.rate_limit") && err.contains("config.toml"),
+        "{err}"
+    );
 
-    ws.config("http://127.0.0.1:9/api/mer", SECRET, "[fetch]\nconcurency = 3\n");
+    ws.config(
+        "http://127.0.0.1:9/api/mer",
+        SECRET,
+        "[fetch]\nconcurency = 3\n",
+    );
     let out = ws.paysync(&["run", "--config", "config.toml"]).await;
     assert_eq!(out.status.code(), Some(2));
     assert!(stderr(&out).contains("concurency"), "{}", stderr(&out));

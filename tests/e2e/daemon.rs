@@ -52,20 +52,29 @@ impl Notifications {
         tokio::spawn(async move {
             let mut buf = vec![0u8; 4096];
             while let Ok(n) = sock.recv(&mut buf).await {
-                s.lock().unwrap().push(String::from_utf8_lossy(&buf[..n]).into_owned());
+                s.lock()
+                    .unwrap()
+                    .push(String::from_utf8_lossy(&buf[..n]).into_owned());
             }
         });
         Self { path, seen }
     }
 
     fn has(&self, prefix: &str) -> bool {
-        self.seen.lock().unwrap().iter().any(|m| m.lines().any(|l| l.starts_with(prefix)))
+        self.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|m| m.lines().any(|l| l.starts_with(prefix)))
     }
 }
 
 fn sigterm(child: &tokio::process::Child) {
     let pid = child.id().expect("running").to_string();
-    std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
 }
 
 fn start_daemon(ws: &Workspace, notify: Option<&Notifications>) -> tokio::process::Child {
@@ -94,19 +103,38 @@ async fn daemon_ingests_settles_exports_and_stops_cleanly() {
     wait_for("READY=1", || notes.has("READY=1")).await;
 
     let counters = server.counters();
-    wait_for("first queue lines fetched", || counters.snapshot().payprotocol_detail_requests >= 2).await;
+    wait_for("first queue lines fetched", || {
+        counters.snapshot().payprotocol_detail_requests >= 2
+    })
+    .await;
     append(&ws, "queue.txt", "Q-PAID-3\nQ-FAILED-4\n# a comment\n");
     // A line still being written (no newline yet) waits until it is complete.
     append(&ws, "queue.txt", "Q-PAID-");
     ws.write("inbox/.partial.csv", "order_no\nI-PAID-0\n");
-    ws.write("inbox/drop.csv", "order_no,customer\nI-PAID-1,a\nI-PENDING-2,b\n");
-    wait_for("inbox file moved to done/", || ws.path("inbox/done/drop.csv").exists()).await;
+    ws.write(
+        "inbox/drop.csv",
+        "order_no,customer\nI-PAID-1,a\nI-PENDING-2,b\n",
+    );
+    wait_for("inbox file moved to done/", || {
+        ws.path("inbox/done/drop.csv").exists()
+    })
+    .await;
     append(&ws, "queue.txt", "5\n");
 
-    let expected = ["Q-PAID-1", "Q-PENDING-2", "Q-PAID-3", "Q-FAILED-4", "Q-PAID-5", "I-PAID-1", "I-PENDING-2"];
+    let expected = [
+        "Q-PAID-1",
+        "Q-PENDING-2",
+        "Q-PAID-3",
+        "Q-FAILED-4",
+        "Q-PAID-5",
+        "I-PAID-1",
+        "I-PENDING-2",
+    ];
     wait_for("all orders settled and exported", || {
         let latest = latest(&ws.rows());
-        expected.iter().all(|o| latest.get(*o).is_some_and(|r| r["tracking"] == "settled"))
+        expected
+            .iter()
+            .all(|o| latest.get(*o).is_some_and(|r| r["tracking"] == "settled"))
     })
     .await;
     sigterm(&daemon);
@@ -122,8 +150,16 @@ async fn daemon_ingests_settles_exports_and_stops_cleanly() {
     assert_eq!(latest["Q-PENDING-2"]["status"], "paid");
     assert_eq!(latest["I-PENDING-2"]["input"]["customer"], "b");
     // Pending orders were observed in each state: they settled between exports.
-    assert_eq!(rows.iter().filter(|r| r["order_no"] == "Q-PENDING-2").count(), 3);
-    assert!(ws.path("inbox/.partial.csv").exists(), "hidden files are left alone");
+    assert_eq!(
+        rows.iter()
+            .filter(|r| r["order_no"] == "Q-PENDING-2")
+            .count(),
+        3
+    );
+    assert!(
+        ws.path("inbox/.partial.csv").exists(),
+        "hidden files are left alone"
+    );
     assert!(notes.has("STOPPING=1"));
     let _ = daemon.stderr.take();
 }
@@ -152,7 +188,10 @@ async fn restart_resumes_queue_offset_and_handles_truncation() {
 
     // Truncate and write fewer bytes than the saved offset: read from the start.
     std::fs::write(ws.path("queue.txt"), "T-PAID-x\n").unwrap();
-    wait_for("truncated queue read", || latest(&ws.rows()).contains_key("T-PAID-x")).await;
+    wait_for("truncated queue read", || {
+        latest(&ws.rows()).contains_key("T-PAID-x")
+    })
+    .await;
     sigterm(&daemon);
     assert_eq!(daemon.wait().await.unwrap().code(), Some(0));
     let rows = ws.rows();
@@ -172,11 +211,22 @@ async fn second_signal_exits_at_once_without_corrupting_state() {
     .await;
     let ws = Workspace::new();
     std::fs::create_dir(ws.path("inbox")).unwrap();
-    ws.config(&server.payprotocol_base_url(), SECRET, &format!("{DAEMON}\n[fetch]\ntimeout = \"20s\"\n"));
-    append(&ws, "queue.txt", &format!("{}\n", numbered("PAID", 4).join("\n")));
+    ws.config(
+        &server.payprotocol_base_url(),
+        SECRET,
+        &format!("{DAEMON}\n[fetch]\ntimeout = \"20s\"\n"),
+    );
+    append(
+        &ws,
+        "queue.txt",
+        &format!("{}\n", numbered("PAID", 4).join("\n")),
+    );
     let mut daemon = start_daemon(&ws, None);
     let counters = server.counters();
-    wait_for("requests in flight", || counters.snapshot().total_requests >= 2).await;
+    wait_for("requests in flight", || {
+        counters.snapshot().total_requests >= 2
+    })
+    .await;
     sigterm(&daemon);
     tokio::time::sleep(Duration::from_millis(200)).await;
     sigterm(&daemon);

@@ -18,12 +18,16 @@ async fn clean_genauth_run() {
     let server = mock(MockOptions::default()).await;
     let ws = Workspace::new();
     let mut orders = Vec::new();
-    for m in ["PAID", "PENDING", "FAILED", "EXPIRED", "UNKNOWN", "NOTFOUND", "BIG", "BADREQ"] {
+    for m in [
+        "PAID", "PENDING", "FAILED", "EXPIRED", "UNKNOWN", "NOTFOUND", "BIG", "BADREQ",
+    ] {
         orders.extend(numbered(m, 2));
     }
     ws.write("orders.csv", &orders_csv(&orders));
     ws.genauth_config(&format!("{}/", server.genauth_base_url()), SECRET, "");
-    let out = ws.run(&["--input", "orders.csv", "--max-wait", "30s"]).await;
+    let out = ws
+        .run(&["--input", "orders.csv", "--max-wait", "30s"])
+        .await;
     // BADREQ orders end in `error` rows: exit 1.
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     let rows = ws.rows();
@@ -92,7 +96,10 @@ async fn token_expiring_mid_run_is_refreshed_once_per_expiry() {
     // A token lives 2 s and is renewed 0.2 s early: one request per 1.8 s at most.
     let max_tokens = (elapsed.as_secs_f64() / 1.8).ceil() as u64 + 1;
     assert!(c.genauth_token_requests >= 3, "{c:?} in {elapsed:?}");
-    assert!(c.genauth_token_requests <= max_tokens, "{c:?} in {elapsed:?}");
+    assert!(
+        c.genauth_token_requests <= max_tokens,
+        "{c:?} in {elapsed:?}"
+    );
 }
 
 /// statusCode 429 inside HTTP 200 bodies pauses and retries: no order fails.
@@ -157,7 +164,15 @@ async fn genauth_demo() {
     let ws = Workspace::new();
     let out = tokio::time::timeout(
         Duration::from_secs(120),
-        ws.paysync(&["demo", "--provider", "genauth", "--orders", "30", "--dir", "demo"]),
+        ws.paysync(&[
+            "demo",
+            "--provider",
+            "genauth",
+            "--orders",
+            "30",
+            "--dir",
+            "demo",
+        ]),
     )
     .await
     .expect("demo finishes");

@@ -13,7 +13,8 @@ const SECRET: &str = paysync::mock::DEFAULT_API_SECRET;
 
 /// An order's (status, tracking) rows in the order they were observed.
 fn statuses_of(rows: &[serde_json::Value], order: &str) -> Vec<(String, String)> {
-    let mut mine: Vec<&serde_json::Value> = rows.iter().filter(|r| r["order_no"] == order).collect();
+    let mut mine: Vec<&serde_json::Value> =
+        rows.iter().filter(|r| r["order_no"] == order).collect();
     mine.sort_by_key(|r| r["observed_at"].as_str().unwrap().to_owned());
     mine.into_iter()
         .map(|r| {
@@ -34,14 +35,20 @@ async fn pending_orders_settle_with_one_row_per_status() {
     let orders = numbered("PENDING", 10);
     ws.write("orders.csv", &orders_csv(&orders));
     ws.config(&server.payprotocol_base_url(), SECRET, "");
-    let out = ws.run(&["--input", "orders.csv", "--max-wait", "30s"]).await;
+    let out = ws
+        .run(&["--input", "orders.csv", "--max-wait", "30s"])
+        .await;
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     let rows = ws.rows();
     assert_no_duplicates(&rows);
     for o in &orders {
         let s = statuses_of(&rows, o);
-        let want = [("pending", "polling"), ("confirming", "polling"), ("paid", "settled")]
-            .map(|(a, b)| (a.to_owned(), b.to_owned()));
+        let want = [
+            ("pending", "polling"),
+            ("confirming", "polling"),
+            ("paid", "settled"),
+        ]
+        .map(|(a, b)| (a.to_owned(), b.to_owned()));
         assert_eq!(s, want, "{o}");
         // pending twice (P = 2), confirming once, paid once.
         assert_eq!(server.polls_of(o), 4, "{o}");
@@ -60,7 +67,9 @@ async fn never_settling_order_gets_deadline_row() {
         SECRET,
         "[settle]\nmax_wait = \"1s\"\npoll_interval = \"300ms\"\n",
     );
-    let out = ws.run(&["--input", "orders.csv", "--max-wait", "30s"]).await;
+    let out = ws
+        .run(&["--input", "orders.csv", "--max-wait", "30s"])
+        .await;
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     let rows = ws.rows();
     assert_no_duplicates(&rows);
@@ -75,7 +84,10 @@ async fn never_settling_order_gets_deadline_row() {
     // A later run polls nothing: tracking has stopped.
     let out = ws.run(&["--max-wait", "5s"]).await;
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-    assert_eq!(server.counters().snapshot().payprotocol_detail_requests, polls);
+    assert_eq!(
+        server.counters().snapshot().payprotocol_detail_requests,
+        polls
+    );
 }
 
 /// Re-running the same input when everything is settled makes no provider
@@ -96,10 +108,17 @@ async fn rerun_of_settled_input_makes_no_requests() {
     let out = ws.run(&["--input", "orders.csv"]).await;
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     let after = server.counters().snapshot();
-    assert_eq!(after.payprotocol_detail_requests, before.payprotocol_detail_requests);
+    assert_eq!(
+        after.payprotocol_detail_requests,
+        before.payprotocol_detail_requests
+    );
     let new_files: BTreeSet<String> = ws.out_files().difference(&files).cloned().collect();
     assert!(new_files.is_empty(), "{new_files:?}");
-    assert!(stdout(&out).contains("30 already known"), "{}", stdout(&out));
+    assert!(
+        stdout(&out).contains("30 already known"),
+        "{}",
+        stdout(&out)
+    );
     assert_eq!(ws.rows().len(), 30);
 }
 
@@ -114,8 +133,16 @@ async fn later_run_resumes_unsettled_orders() {
     ws.config(&server.payprotocol_base_url(), SECRET, "");
     let out = ws.run(&["--input", "orders.csv", "--max-wait", "0s"]).await;
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-    assert!(latest(&ws.rows()).values().all(|r| r["status"] == "pending"));
-    assert!(stdout(&out).contains("5 orders still unsettled"), "{}", stdout(&out));
+    assert!(
+        latest(&ws.rows())
+            .values()
+            .all(|r| r["status"] == "pending")
+    );
+    assert!(
+        stdout(&out).contains("5 orders still unsettled"),
+        "{}",
+        stdout(&out)
+    );
 
     let out = ws.run(&["--max-wait", "30s"]).await;
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
@@ -144,9 +171,17 @@ fn assert_consistent(ws: &Workspace, orders: &[String]) {
             continue;
         }
         let stem = f.rsplit_once('.').unwrap().0;
-        assert!(files.contains(&format!("{stem}.manifest.json")), "{f} has no manifest: {files:?}");
+        assert!(
+            files.contains(&format!("{stem}.manifest.json")),
+            "{f} has no manifest: {files:?}"
+        );
     }
-    assert!(!files.iter().any(|f| f.ends_with(".tmp") && !f.starts_with('.')), "{files:?}");
+    assert!(
+        !files
+            .iter()
+            .any(|f| f.ends_with(".tmp") && !f.starts_with('.')),
+        "{files:?}"
+    );
 }
 
 /// SIGKILL at several moments (while fetching, half way through writing the data
@@ -154,7 +189,12 @@ fn assert_consistent(ws: &Workspace, orders: &[String]) {
 /// then a rerun: every order present, no duplicate rows, no partial files.
 #[tokio::test(flavor = "multi_thread")]
 async fn sigkill_at_any_moment_loses_and_duplicates_nothing() {
-    for point in ["after-first-record", "mid-write", "after-data-rename", "before-batch-commit"] {
+    for point in [
+        "after-first-record",
+        "mid-write",
+        "after-data-rename",
+        "before-batch-commit",
+    ] {
         let server = mock(MockOptions::default()).await;
         let ws = Workspace::new();
         let mut orders = numbered("PAID", 30);
@@ -166,13 +206,29 @@ async fn sigkill_at_any_moment_loses_and_duplicates_nothing() {
             "[fetch]\nconcurrency = 2\nrate_limit = 200.0\nburst = 1\n",
         );
         let crashed = ws
-            .command(&["run", "--config", "config.toml", "--no-progress", "--input", "orders.csv", "--max-wait", "30s"])
+            .command(&[
+                "run",
+                "--config",
+                "config.toml",
+                "--no-progress",
+                "--input",
+                "orders.csv",
+                "--max-wait",
+                "30s",
+            ])
             .env(paysync::failpoint::ENV, point)
             .output()
             .await
             .unwrap();
-        assert_eq!(crashed.status.signal(), Some(9), "{point}: {}", stderr(&crashed));
-        let out = ws.run(&["--input", "orders.csv", "--max-wait", "30s"]).await;
+        assert_eq!(
+            crashed.status.signal(),
+            Some(9),
+            "{point}: {}",
+            stderr(&crashed)
+        );
+        let out = ws
+            .run(&["--input", "orders.csv", "--max-wait", "30s"])
+            .await;
         assert_eq!(out.status.code(), Some(0), "{point}: {}", stderr(&out));
         assert_consistent(&ws, &orders);
     }
@@ -189,13 +245,27 @@ async fn external_sigkill_while_fetching() {
     let ws = Workspace::new();
     let orders = numbered("PAID", 200);
     ws.write("orders.csv", &orders_csv(&orders));
-    ws.config(&server.payprotocol_base_url(), SECRET, "[fetch]\nconcurrency = 4\n");
+    ws.config(
+        &server.payprotocol_base_url(),
+        SECRET,
+        "[fetch]\nconcurrency = 4\n",
+    );
     let mut child = ws
-        .command(&["run", "--config", "config.toml", "--no-progress", "--input", "orders.csv"])
+        .command(&[
+            "run",
+            "--config",
+            "config.toml",
+            "--no-progress",
+            "--input",
+            "orders.csv",
+        ])
         .spawn()
         .unwrap();
     let counters = server.counters();
-    wait_for("requests in flight", || counters.snapshot().payprotocol_detail_requests >= 40).await;
+    wait_for("requests in flight", || {
+        counters.snapshot().payprotocol_detail_requests >= 40
+    })
+    .await;
     child.start_kill().unwrap();
     let status = child.wait().await.unwrap();
     assert_eq!(status.signal(), Some(9));
@@ -217,17 +287,34 @@ async fn second_process_on_same_state_is_refused() {
     .await;
     let ws = Workspace::new();
     ws.write("orders.csv", &orders_csv(&numbered("PAID", 40)));
-    ws.config(&server.payprotocol_base_url(), SECRET, "[fetch]\nconcurrency = 1\n");
+    ws.config(
+        &server.payprotocol_base_url(),
+        SECRET,
+        "[fetch]\nconcurrency = 1\n",
+    );
     let first = ws
-        .command(&["run", "--config", "config.toml", "--no-progress", "--input", "orders.csv"])
+        .command(&[
+            "run",
+            "--config",
+            "config.toml",
+            "--no-progress",
+            "--input",
+            "orders.csv",
+        ])
         .spawn()
         .unwrap();
     let counters = server.counters();
-    wait_for("first run fetching", || counters.snapshot().payprotocol_detail_requests >= 1).await;
+    wait_for("first run fetching", || {
+        counters.snapshot().payprotocol_detail_requests >= 1
+    })
+    .await;
     let second = ws.run(&["--input", "orders.csv"]).await;
     assert_eq!(second.status.code(), Some(4), "{}", stderr(&second));
     let err = stderr(&second);
-    assert!(err.contains("in use by another paysync") && err.contains("state.db"), "{err}");
+    assert!(
+        err.contains("in use by another paysync") && err.contains("state.db"),
+        "{err}"
+    );
     let first = first.wait_with_output().await.unwrap();
     assert_eq!(first.status.code(), Some(0));
     assert_eq!(latest(&ws.rows()).len(), 40);
@@ -245,7 +332,9 @@ async fn status_reports_orders_and_runs() {
     ws.config(&server.payprotocol_base_url(), SECRET, "");
     let out = ws.run(&["--input", "orders.csv"]).await;
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-    let out = ws.paysync(&["status", "--config", "config.toml", "--json"]).await;
+    let out = ws
+        .paysync(&["status", "--config", "config.toml", "--json"])
+        .await;
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let count = |status: &str, tracking: &str| {
@@ -258,10 +347,19 @@ async fn status_reports_orders_and_runs() {
     };
     assert_eq!(count("paid", "settled"), Some(4), "{v}");
     assert_eq!(count("pending", "polling"), Some(2), "{v}");
-    assert!(v["oldest_unsettled"]["order_no"].as_str().unwrap().contains("NEVER"));
+    assert!(
+        v["oldest_unsettled"]["order_no"]
+            .as_str()
+            .unwrap()
+            .contains("NEVER")
+    );
     assert!(v["oldest_unsettled"]["next_poll_at"].is_string());
     assert_eq!(v["last_runs"].as_array().unwrap().len(), 1);
     let text = ws.paysync(&["status", "--config", "config.toml"]).await;
     assert_eq!(text.status.code(), Some(0));
-    assert!(stdout(&text).contains("oldest unsettled: T-NEVER"), "{}", stdout(&text));
+    assert!(
+        stdout(&text).contains("oldest unsettled: T-NEVER"),
+        "{}",
+        stdout(&text)
+    );
 }
