@@ -333,7 +333,7 @@ mod tests {
                 (2, "reject: row is not valid UTF-8".into()),
                 (
                     3,
-                    "reject: order number contains a control character".into()
+                    "reject: order number contains a control or invisible character".into()
                 ),
                 (4, "D".into()),
             ]

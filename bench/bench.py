@@ -1,0 +1,544 @@
+#!/usr/bin/env python3
+"""paysync benchmark (issue 6): quota fidelity, unthrottled cost, settlement polling,
+and a Python peer, in one run. Standard library only.
+
+Every measured program is the real thing: target/release/paysync `run` with a config
+file, SQLite state and output in a fresh temp directory, against a separate
+`paysync mock-server` process on 127.0.0.1 (port 0: the kernel picks a free port; the
+address is read from the "mock server listening on http://ADDR" line). Each paysync
+run gets a fresh mock server, so the server's counters belong to that run alone.
+
+CPU and memory come from the OS: os.wait4() on the measured child gives its own
+rusage (user + sys CPU seconds, ru_maxrss in KiB on Linux). The mock server is a
+different process and is not counted.
+
+Run it through bench/run (which builds the release binary first).
+"""
+
+import argparse
+import datetime as dt
+import http.client
+import json
+import os
+import platform
+import re
+import select
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = ROOT / "target" / "release" / "paysync"
+PEER = ROOT / "bench" / "peer.py"
+RESULTS = ROOT / "bench" / "results.md"
+API_KEY, API_SECRET = "demo-key", "demo-secret"  # the mock's defaults
+
+# Targets of issue 6.
+QUOTA_UTIL_MIN = 98.0  # % of rate_limit
+CPU_US_PER_ORDER_MAX = 60.0
+RSS_MAX_MIB = 64.0
+RSS_TARGET_ORDERS = 1_000_000
+POLLS_FACTOR_MAX = 1.5
+PEER_RATIO_MIN = 10.0
+
+
+# ---------------------------------------------------------------------------
+# processes
+
+
+class Mock:
+    """A `paysync mock-server` child on 127.0.0.1:0, stopped on exit."""
+
+    def __init__(self, workdir, *flags):
+        self.log = open(workdir / "mock.stderr", "wb")
+        self.proc = subprocess.Popen(
+            [str(BIN), "mock-server", "--listen", "127.0.0.1:0", *flags],
+            stdout=subprocess.PIPE, stderr=self.log, stdin=subprocess.DEVNULL)
+        self.addr = self._wait_for_address(timeout=15.0)
+        # Keep draining stdout so the server can never block on a full pipe.
+        threading.Thread(target=self.proc.stdout.read, daemon=True).start()
+
+    def _wait_for_address(self, timeout):
+        deadline = time.monotonic() + timeout
+        buf = b""
+        fd = self.proc.stdout.fileno()
+        while time.monotonic() < deadline:
+            r, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+            if not r:
+                break
+            chunk = os.read(fd, 4096)
+            if not chunk:
+                break
+            buf += chunk
+            m = re.search(rb"mock server listening on http://(\S+)", buf)
+            if m:
+                return m.group(1).decode()
+        self.stop()
+        raise RuntimeError(f"mock server did not report its address within {timeout}s: {buf!r}")
+
+    def stats(self):
+        host, port = self.addr.rsplit(":", 1)
+        c = http.client.HTTPConnection(host, int(port), timeout=10)
+        try:
+            c.request("GET", "/__mock/stats")
+            r = c.getresponse()
+            return json.loads(r.read())
+        finally:
+            c.close()
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        self.log.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+def run_measured(argv, cwd, env, timeout, name):
+    """Runs one child to completion and returns its exit code, wall time and its own
+    rusage (os.wait4). A watchdog kills it after `timeout` seconds."""
+    out = open(cwd / f"{name}.stdout", "wb")
+    err = open(cwd / f"{name}.stderr", "wb")
+    t0 = time.monotonic()
+    proc = subprocess.Popen(argv, cwd=cwd, env=env, stdout=out, stderr=err,
+                            stdin=subprocess.DEVNULL)
+    timed_out = threading.Event()
+
+    def kill():
+        timed_out.set()
+        proc.kill()
+
+    watchdog = threading.Timer(timeout, kill)
+    watchdog.start()
+    try:
+        _, status, ru = os.wait4(proc.pid, 0)
+    finally:
+        watchdog.cancel()
+    wall = time.monotonic() - t0
+    proc.returncode = os.waitstatus_to_exitcode(status)  # already reaped by wait4
+    out.close()
+    err.close()
+    if timed_out.is_set():
+        raise RuntimeError(f"{name} did not finish within {timeout}s (killed); see {cwd}")
+    return {
+        "rc": proc.returncode, "wall": wall, "user": ru.ru_utime, "sys": ru.ru_stime,
+        "cpu": ru.ru_utime + ru.ru_stime, "maxrss_kib": ru.ru_maxrss,
+        "stdout": (cwd / f"{name}.stdout").read_text(errors="replace"),
+        "stderr_path": cwd / f"{name}.stderr",
+    }
+
+
+# ---------------------------------------------------------------------------
+# inputs, config, outputs
+
+
+def write_orders(path, n, marker):
+    """A CSV of n orders whose numbers carry `marker`, with two extra columns that
+    paysync copies into its output."""
+    with open(path, "w") as f:
+        f.write("order_no,customer,amount\n")
+        for i in range(n):
+            f.write(f"ORD-{marker}-{i:09d},cust-{i % 9973},{(i * 37) % 100000 / 100:.2f}\n")
+
+
+def write_config(workdir, addr, fetch, settle):
+    def table(d):
+        return "".join(f"{k} = {json.dumps(v)}\n" for k, v in d.items())
+
+    cfg = workdir / "paysync.toml"
+    cfg.write_text(
+        "[provider]\n"
+        'kind = "payprotocol"\n'
+        f'base_url = "http://{addr}/api/mer"\n'
+        f'api_key = "{API_KEY}"\n'
+        'api_secret_env = "PAYSYNC_API_SECRET"\n'
+        "\n[fetch]\n" + table(fetch) +
+        "\n[settle]\n" + table(settle) +
+        '\n[output]\ndir = "out"\nformat = "jsonl"\n'
+        '\n[state]\npath = "paysync.db"\n')
+    return cfg
+
+
+def child_env():
+    env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
+    env["PAYSYNC_API_SECRET"] = API_SECRET
+    env.pop("RUST_LOG", None)
+    return env
+
+
+def run_paysync(workdir, addr, orders_csv, fetch, settle, timeout, name="paysync"):
+    cfg = write_config(workdir, addr, fetch, settle)
+    r = run_measured([str(BIN), "run", "--config", str(cfg), "--input", str(orders_csv),
+                      "--no-progress"], workdir, child_env(), timeout, name)
+    manifests = sorted((workdir / "out").glob("*.manifest.json"))
+    r["manifest"] = json.loads(manifests[-1].read_text()) if manifests else None
+    r["data_file"] = (workdir / "out" / r["manifest"]["data_file"]) if manifests else None
+    r["rows"] = r["manifest"]["rows"] if manifests else 0
+    if r["rc"] != 0:
+        tail = r["stderr_path"].read_text(errors="replace")[-2000:]
+        print(f"  ! paysync exited {r['rc']} in {workdir}:\n{tail}", file=sys.stderr)
+    return r
+
+
+def read_rows(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def ts(s):
+    return dt.datetime.fromisoformat(s.replace("Z", "+00:00")).timestamp()
+
+
+# ---------------------------------------------------------------------------
+# the table
+
+
+class Table:
+    def __init__(self):
+        self.rows = []  # (scenario, measure, value, target, verdict)
+
+    def add(self, scenario, measure, value, target="", ok=None):
+        verdict = "" if ok is None else ("PASS" if ok else "FAIL")
+        self.rows.append((scenario, measure, value, target, verdict))
+        print(f"  {measure}: {value}" + (f"   [{target}: {verdict}]" if verdict else ""),
+              flush=True)
+
+    HEAD = ("scenario", "measure", "value", "target", "result")
+
+    def text(self):
+        w = [max(len(str(r[i])) for r in self.rows + [self.HEAD]) for i in range(5)]
+        line = lambda r: "  ".join(str(c).ljust(w[i]) for i, c in enumerate(r)).rstrip()
+        sep = "  ".join("-" * x for x in w)
+        return "\n".join([line(self.HEAD), sep] + [line(r) for r in self.rows])
+
+    def markdown(self):
+        esc = lambda c: str(c).replace("|", "\\|")
+        out = ["| " + " | ".join(self.HEAD) + " |", "|" + "---|" * 5]
+        out += ["| " + " | ".join(esc(c) for c in r) + " |" for r in self.rows]
+        return "\n".join(out)
+
+
+# ---------------------------------------------------------------------------
+# scenarios
+
+
+def scenario_quota(args, tmp, table):
+    """1. rate_limit = 20, burst = 1, concurrency = 16: against a server without its own
+    limit, then against one enforcing 20/s."""
+    rate, burst, n = 20.0, 1, args.quota_orders
+    fetch = {"rate_limit": rate, "burst": burst, "concurrency": 16}
+    settle = {"wait": "0s"}
+    for label, flags in (("no server limit", ()), ("server limit 20/s", ("--rate-limit", "20"))):
+        print(f"\n[1] quota fidelity, {label}: {n} orders at rate_limit={rate:g}, burst={burst}",
+              flush=True)
+        wd = tmp / f"quota-{'limited' if flags else 'open'}"
+        wd.mkdir()
+        orders = wd / "orders.csv"
+        write_orders(orders, n, "PAID")
+        with Mock(wd, *flags) as mock:
+            r = run_paysync(wd, mock.addr, orders, fetch, settle, timeout=60 + 3 * n / rate)
+            st = mock.stats()
+        sc = f"1 quota ({label})"
+        ok_run = r["rc"] == 0 and r["rows"] == n
+        rows = read_rows(r["data_file"]) if r["data_file"] else []
+        times = sorted(ts(x["observed_at"]) for x in rows)
+        span = times[-1] - times[0] if len(times) > 1 else float("nan")
+        achieved = (len(times) - 1) / span if span > 0 else float("nan")
+        util = 100 * achieved / rate
+        table.add(sc, "run", f"exit {r['rc']}, {r['rows']}/{n} rows, wall {r['wall']:.2f} s",
+                  "exit 0, all rows", ok_run)
+        table.add(sc, "requests seen by server (detail + currency)",
+                  f"{st['payprotocol_detail_requests']} + {st['payprotocol_currency_requests']}")
+        if not flags:
+            table.add(sc, "achieved rate (first..last observed_at)",
+                      f"{achieved:.2f} req/s = {util:.1f} % of {rate:g}/s",
+                      f">= {QUOTA_UTIL_MIN:g} %", util >= QUOTA_UTIL_MIN)
+            table.add(sc, "max requests in any 1 s window (server)",
+                      st["max_requests_in_any_1s_window"], f"<= {rate + burst:g}",
+                      st["max_requests_in_any_1s_window"] <= rate + burst)
+            table.add(sc, "429s", st["throttled"])
+        else:
+            table.add(sc, "achieved rate (first..last observed_at)",
+                      f"{achieved:.2f} req/s = {util:.1f} % of {rate:g}/s")
+            table.add(sc, "max requests in any 1 s window (server)",
+                      st["max_requests_in_any_1s_window"])
+            table.add(sc, "429s caused by paysync", st["throttled"], "0", st["throttled"] == 0)
+
+
+def cost_run(args, tmp, n, concurrency, tag):
+    wd = tmp / f"cost-{tag}-{n}-c{concurrency}"
+    wd.mkdir()
+    orders = wd / "orders.csv"
+    write_orders(orders, n, "PAID")
+    fetch = {"rate_limit": 1_000_000.0, "burst": 1000, "concurrency": concurrency}
+    with Mock(wd) as mock:
+        r = run_paysync(wd, mock.addr, orders, fetch, {"wait": "0s"},
+                        timeout=max(300, n / 100))
+        st = mock.stats()
+    r.update(n=n, concurrency=concurrency, stats=st, workdir=wd,
+             ok=r["rc"] == 0 and r["rows"] == n and st["throttled"] == 0)
+    r["orders_per_s"] = n / r["wall"]
+    r["cpu_per_1000"] = 1000 * r["cpu"] / n
+    print(f"    N={n} concurrency={concurrency}: exit {r['rc']}, rows {r['rows']}, "
+          f"{r['orders_per_s']:.0f} orders/s, CPU {r['cpu']:.2f} s "
+          f"({r['user']:.2f} user + {r['sys']:.2f} sys), {r['cpu_per_1000'] * 1000:.1f} us/order, "
+          f"peak RSS {r['maxrss_kib'] / 1024:.1f} MiB", flush=True)
+    if not args.keep:
+        shutil.rmtree(wd, ignore_errors=True)
+    return r
+
+
+def scenario_cost(args, tmp, table):
+    """2. Unthrottled cost: a concurrency sweep at N/4, then N at the best concurrency."""
+    n, small = args.orders, max(1, args.orders // 4)
+    print(f"\n[2] unthrottled cost: sweep concurrency {args.concurrency} at N/4 = {small}, "
+          f"then N = {n}", flush=True)
+    sweep = [cost_run(args, tmp, small, c, "sweep") for c in args.concurrency]
+    good = [r for r in sweep if r["ok"]] or sweep
+    best = max(good, key=lambda r: r["orders_per_s"])
+    c = best["concurrency"]
+    sc = "2 unthrottled cost"
+    table.add(sc, f"concurrency sweep at N/4 = {small} (orders/s)",
+              ", ".join(f"{r['concurrency']}: {r['orders_per_s']:.0f}" for r in sweep)
+              + f" -> best {c}")
+    full = cost_run(args, tmp, n, c, "full")
+    us = full["cpu_per_1000"] * 1000
+    table.add(sc, f"run (N = {n}, concurrency {c})",
+              f"exit {full['rc']}, {full['rows']}/{n} rows, {full['stats']['throttled']} 429s",
+              "exit 0, all rows", full["ok"])
+    table.add(sc, "throughput", f"{full['orders_per_s']:.0f} orders/s (wall {full['wall']:.2f} s)")
+    table.add(sc, "CPU per 1000 orders (user+sys)",
+              f"{full['cpu_per_1000']:.4f} s = {us:.1f} us/order "
+              f"({full['user']:.2f} user + {full['sys']:.2f} sys)",
+              f"<= {CPU_US_PER_ORDER_MAX:g} us/order", us <= CPU_US_PER_ORDER_MAX)
+    rss, rss_small = full["maxrss_kib"] / 1024, best["maxrss_kib"] / 1024
+    if n >= RSS_TARGET_ORDERS:
+        table.add(sc, f"peak RSS at N = {n}", f"{rss:.1f} MiB", f"<= {RSS_MAX_MIB:g} MiB",
+                  rss <= RSS_MAX_MIB)
+    else:
+        table.add(sc, f"peak RSS at N = {n} (target is for 1,000,000)", f"{rss:.1f} MiB",
+                  f"<= {RSS_MAX_MIB:g} MiB at 1M (measured at {n} only)", rss <= RSS_MAX_MIB)
+    growth = rss / rss_small if rss_small else float("nan")
+    per_100k = (rss - rss_small) / (n - small) * 100_000 if n > small else 0.0
+    projected = rss + per_100k * (RSS_TARGET_ORDERS - n) / 100_000
+    table.add(sc, f"peak RSS at N/4 = {small} vs N = {n}",
+              f"{rss_small:.1f} -> {rss:.1f} MiB (x{growth:.2f}, {per_100k:+.1f} MiB per 100k orders)",
+              "flat (<= x1.25)", growth <= 1.25)
+    if n < RSS_TARGET_ORDERS:
+        table.add(sc, "peak RSS at 1,000,000 (linear projection, not measured)",
+                  f"~{projected:.0f} MiB", f"<= {RSS_MAX_MIB:g} MiB", projected <= RSS_MAX_MIB)
+    return full
+
+
+def scenario_settle(args, tmp, table):
+    """3. Settlement polling: PENDING orders, P pending polls then C confirming polls."""
+    n, p, c = args.settle_orders, args.pending_polls, args.confirm_polls
+    interval = 0.2
+    print(f"\n[3] settlement polling: {n} PENDING orders, P={p}, C={c}, "
+          f"poll_interval = confirming_interval = 200ms, backoff_factor 1.0", flush=True)
+    wd = tmp / "settle"
+    wd.mkdir()
+    orders = wd / "orders.csv"
+    write_orders(orders, n, "PENDING")
+    fetch = {"rate_limit": 1_000_000.0, "burst": 1000, "concurrency": 64}
+    settle = {"poll_interval": "200ms", "confirming_interval": "200ms",
+              "backoff_factor": 1.0, "wait": "60s"}
+    with Mock(wd, "--pending-polls", str(p), "--confirm-polls", str(c)) as mock:
+        r = run_paysync(wd, mock.addr, orders, fetch, settle, timeout=180)
+        st = mock.stats()
+    rows = read_rows(r["data_file"]) if r["data_file"] else []
+    by_order = {}
+    for x in rows:
+        by_order.setdefault(x["order_no"], []).append(x)
+    ideal_polls = p + c + 1
+    ideal_time = p * interval + c * interval  # first poll -> paid poll
+    delays, paid = [], 0
+    for xs in by_order.values():
+        xs.sort(key=lambda x: ts(x["observed_at"]))
+        done = [x for x in xs if x["status"] == "paid"]
+        if done:
+            paid += 1
+            delays.append(ts(done[0]["observed_at"]) - ts(xs[0]["observed_at"]) - ideal_time)
+    sc = "3 settlement polling"
+    table.add(sc, "run", f"exit {r['rc']}, {paid}/{n} orders paid, {len(rows)} rows, "
+              f"wall {r['wall']:.2f} s", "exit 0, all paid", r["rc"] == 0 and paid == n)
+    ppo = st["payprotocol_detail_requests"] / n
+    table.add(sc, "polls per order (detail requests / orders)",
+              f"{ppo:.2f} (ideal P+C+1 = {ideal_polls})",
+              f"<= {POLLS_FACTOR_MAX:g}x ideal = {POLLS_FACTOR_MAX * ideal_polls:g}",
+              ppo <= POLLS_FACTOR_MAX * ideal_polls)
+    if delays:
+        delays.sort()
+        q = lambda f: delays[min(len(delays) - 1, int(f * len(delays)))] * 1000
+        table.add(sc, "detection delay beyond the ideal schedule (ms)",
+                  f"median {statistics.median(delays) * 1000:.0f}, p95 {q(0.95):.0f}, "
+                  f"max {delays[-1] * 1000:.0f}")
+    table.add(sc, "wall time vs ideal schedule",
+              f"{r['wall']:.2f} s vs {ideal_time:.2f} s of polling intervals")
+
+
+def scenario_peer(args, tmp, table, paysync_full):
+    """4. bench/peer.py on the same orders, against a fresh mock server."""
+    n = args.orders
+    c = paysync_full["concurrency"] if paysync_full else 64
+    print(f"\n[4] Python peer: {n} orders, concurrency {c}", flush=True)
+    wd = tmp / "peer"
+    wd.mkdir()
+    orders = wd / "orders.csv"
+    write_orders(orders, n, "PAID")
+    with Mock(wd) as mock:
+        r = run_measured([sys.executable, str(PEER), "--base-url", f"http://{mock.addr}/api/mer",
+                          "--input", str(orders), "--output", str(wd / "peer.jsonl"),
+                          "--concurrency", str(c), "--api-key", API_KEY],
+                         wd, child_env(), max(600, n / 20), "peer")
+        st = mock.stats()
+    with open(wd / "peer.jsonl") as f:
+        lines = sum(1 for _ in f)
+    us = 1e6 * r["cpu"] / n
+    sc = "4 Python peer"
+    table.add(sc, "run", f"exit {r['rc']}, {lines}/{n} lines, {st['throttled']} 429s, "
+              f"{st['unauthorized']} 401s", "exit 0, all lines", r["rc"] == 0 and lines == n)
+    table.add(sc, "throughput", f"{n / r['wall']:.0f} orders/s (wall {r['wall']:.2f} s)")
+    table.add(sc, "CPU per 1000 orders (user+sys)",
+              f"{r['cpu'] / n * 1000:.4f} s = {us:.1f} us/order "
+              f"({r['user']:.2f} user + {r['sys']:.2f} sys), peak RSS {r['maxrss_kib'] / 1024:.1f} MiB")
+    if paysync_full:
+        ratio = r["cpu"] / paysync_full["cpu"] if paysync_full["cpu"] else float("nan")
+        table.add(sc, "peer CPU / paysync CPU per order", f"{ratio:.2f}x",
+                  f">= {PEER_RATIO_MIN:g}x", ratio >= PEER_RATIO_MIN)
+        table.add(sc, "paysync orders/s / peer orders/s",
+                  f"{paysync_full['orders_per_s'] / (n / r['wall']):.2f}x")
+
+
+# ---------------------------------------------------------------------------
+
+
+def machine():
+    model = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "nproc": os.cpu_count(),
+        "cpu": model,
+        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "loadavg": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+    }
+
+
+METHOD = """\
+How each figure is measured:
+- Every run is the release binary `paysync run` with a config file, SQLite state and
+  JSONL output in a fresh temp directory, against a fresh `paysync mock-server`
+  process on 127.0.0.1 (port 0). CPU and peak RSS are the paysync (or peer) child's
+  own rusage from os.wait4 (user + sys; ru_maxrss); the mock server is not counted.
+  Wall time is from spawn to exit (startup, ingest, fetch, state, output, fsyncs).
+- 1 quota: 400 `PAID` orders (one poll each), rate_limit 20, burst 1, concurrency 16.
+  The mock's stats carry no first/last request time, so the achieved rate is
+  (rows - 1) / (last - first `observed_at` of the output rows): the fetch rate
+  paysync sustained, startup and export excluded. The 1 s window maximum and 429s
+  are the mock's counters (currency-list call included). The second run has the mock
+  enforce 20/s (token bucket of 20); every 429 there is paysync's.
+- 2 cost: `PAID` orders with two extra CSV columns, rate_limit 1e6, burst 1000,
+  settle.wait 0s. Concurrency is swept at N/4 and the fastest (orders/s) is used for
+  N; the N/4 run at that concurrency is the memory comparison. The 1,000,000-order
+  RSS figure is a linear projection unless run with --orders 1000000.
+- 3 settlement: `PENDING` orders (mock: P polls pending, C polls confirming, then
+  paid), poll_interval = confirming_interval = 200ms, backoff_factor 1.0, wait 60s.
+  Polls per order = the mock's detail requests / orders; ideal = P + C + 1.
+  The mock's state advances per poll, not per clock, so an order "becomes paid"
+  when the ideal schedule would poll it the (P+C+1)th time: P*200ms + C*200ms after
+  its first poll. Detection delay = observed_at of its `paid` row - observed_at of
+  its first row - that ideal time.
+- 4 peer: bench/peer.py (asyncio streams, HTTP/1.1 keep-alive, a semaphore, a
+  connection pool, HMAC-SHA256 signing per the spec, JSONL out) on the same order
+  file shape and count against a fresh mock, at paysync's chosen concurrency.
+"""
+
+
+def main():
+    ap = argparse.ArgumentParser(description="paysync benchmark (issue 6)")
+    ap.add_argument("--orders", type=int, default=100_000,
+                    help="orders in the cost and peer scenarios (default 100000)")
+    ap.add_argument("--quick", action="store_true", help="smoke run: --orders 20000")
+    ap.add_argument("--concurrency", default="32,64,128",
+                    help="fetch.concurrency values to sweep in the cost scenario")
+    ap.add_argument("--quota-orders", type=int, default=400)
+    ap.add_argument("--settle-orders", type=int, default=1000)
+    ap.add_argument("--pending-polls", type=int, default=2)
+    ap.add_argument("--confirm-polls", type=int, default=1)
+    ap.add_argument("--only", default="quota,cost,settle,peer",
+                    help="comma-separated subset of: quota,cost,settle,peer")
+    ap.add_argument("--keep", action="store_true", help="keep the temp directory")
+    ap.add_argument("--results", default=str(RESULTS), help="Markdown file to write")
+    args = ap.parse_args()
+    if args.quick:
+        args.orders = 20_000
+    args.concurrency = [int(x) for x in args.concurrency.split(",") if x.strip()]
+    only = {x.strip() for x in args.only.split(",") if x.strip()}
+    unknown = only - {"quota", "cost", "settle", "peer"}
+    if unknown:
+        ap.error(f"unknown scenario(s) in --only: {', '.join(sorted(unknown))}")
+    if not BIN.exists():
+        sys.exit(f"{BIN} not found: build it with `cargo build --release` (bench/run does)")
+
+    m = machine()
+    print(f"machine: {m['nproc']} cores, {m['cpu']}, load {m['loadavg']}, {m['date']}")
+    tmp = Path(tempfile.mkdtemp(prefix="paysync-bench-"))
+    table = Table()
+    full = None
+    try:
+        if "quota" in only:
+            scenario_quota(args, tmp, table)
+        if "cost" in only:
+            full = scenario_cost(args, tmp, table)
+        if "settle" in only:
+            scenario_settle(args, tmp, table)
+        if "peer" in only:
+            scenario_peer(args, tmp, table, full)
+    finally:
+        if args.keep:
+            print(f"\nkept {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    m["loadavg_end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    print("\n" + table.text())
+    fails = sum(1 for r in table.rows if r[4] == "FAIL")
+    cmd = "bench/run " + " ".join(sys.argv[1:])
+    md = (f"# paysync benchmark results\n\n"
+          f"Command: `{cmd.strip()}`\n\n"
+          f"Machine: {m['nproc']} cores (`nproc`), {m['cpu']} (/proc/cpuinfo), "
+          f"Linux {m['kernel']}, Python {m['python']}. Date: {m['date']}. "
+          f"Load average at start {m['loadavg']}, at end {m['loadavg_end']} "
+          f"(other work on the machine makes wall-clock figures noisy).\n\n"
+          f"{table.markdown()}\n\n"
+          f"{sum(1 for r in table.rows if r[4] == 'PASS')} PASS, {fails} FAIL.\n\n"
+          f"{METHOD}")
+    Path(args.results).write_text(md)
+    print(f"\nwritten {args.results}")
+
+
+if __name__ == "__main__":
+    main()
