@@ -247,7 +247,7 @@ async fn status(args: StatusArgs) -> anyhow::Result<()> {
     let settings = Settings::load(&args.config.config)?;
     let path = settings.state.path.clone();
     let report = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
-        let store = SqliteStore::open(&path)
+        let store = SqliteStore::open_read_only(&path)
             .with_context(|| format!("cannot read state {}", path.display()))?;
         Ok(store.status_report(10)?)
     })

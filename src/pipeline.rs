@@ -456,7 +456,10 @@ impl Engine {
             recorded.clone(),
             progress,
         ));
-        let mut wait_until: Option<Instant> = None;
+        // The end of the run's wait (wall time): set once the input is read, so
+        // the wait overlaps finishing the first pass. Nothing due after it is
+        // claimed, which ends the run even when polls are slower than the schedule.
+        let mut wait_until: Option<DateTime<Utc>> = None;
         let mut tasks = tokio::task::JoinSet::new();
         let result: Result<(), RunError> = async {
             loop {
@@ -472,7 +475,16 @@ impl Engine {
                     }
                     continue;
                 }
-                let now = self.clock.now();
+                if let (PollUntil::IdleFor(wait), None, true) =
+                    (until, wait_until, *ingest_done.borrow())
+                {
+                    let wait = chrono::TimeDelta::from_std(wait).unwrap_or(chrono::TimeDelta::MAX);
+                    wait_until = Some(self.clock.now() + wait);
+                }
+                let now = match wait_until {
+                    Some(limit) => self.clock.now().min(limit),
+                    None => self.clock.now(),
+                };
                 let kind = self.kind;
                 let claimed = self
                     .blocking(move |s| s.claim_due(kind, now, free, LEASE))
@@ -531,16 +543,10 @@ impl Engine {
                         }
                     }
                 };
-                let at = self.clock.instant_at(next);
-                let limit = match until {
-                    PollUntil::Forever => None,
-                    PollUntil::IdleFor(wait) => {
-                        Some(*wait_until.get_or_insert_with(|| Instant::now() + wait))
-                    }
-                };
-                if limit.is_some_and(|l| at > l) {
+                if wait_until.is_some_and(|limit| next > limit) {
                     break;
                 }
+                let at = self.clock.instant_at(next);
                 tokio::select! {
                     _ = tokio::time::sleep_until(at) => {}
                     _ = new_work.notified() => {}

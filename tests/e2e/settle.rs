@@ -362,4 +362,78 @@ async fn status_reports_orders_and_runs() {
         "{}",
         stdout(&text)
     );
+
+    // While another run owns the state (lock held), status still reads it.
+    let slow = mock(MockOptions {
+        latency: Duration::from_millis(300),
+        ..MockOptions::default()
+    })
+    .await;
+    ws.config(
+        &slow.payprotocol_base_url(),
+        SECRET,
+        "[fetch]\nconcurrency = 1\n",
+    );
+    ws.write("more.csv", &orders_csv(&numbered("PAID-MORE", 10)));
+    let running = ws
+        .command(&[
+            "run",
+            "--config",
+            "config.toml",
+            "--no-progress",
+            "--input",
+            "more.csv",
+        ])
+        .spawn()
+        .unwrap();
+    let counters = slow.counters();
+    wait_for("second run fetching", || {
+        counters.snapshot().payprotocol_detail_requests >= 1
+    })
+    .await;
+    let during = ws
+        .paysync(&["status", "--config", "config.toml", "--json"])
+        .await;
+    assert_eq!(during.status.code(), Some(0), "{}", stderr(&during));
+    let v: serde_json::Value = serde_json::from_slice(&during.stdout).unwrap();
+    assert!(v["last_runs"][0]["finished_at"].is_null(), "{v}");
+    let done = running.wait_with_output().await.unwrap();
+    assert_eq!(done.status.code(), Some(0));
+
+    // Without a state file, status says so (exit 4).
+    std::fs::remove_file(ws.path("state.db")).unwrap();
+    let none = ws.paysync(&["status", "--config", "config.toml"]).await;
+    assert_eq!(none.status.code(), Some(4));
+    assert!(
+        stderr(&none).contains("does not exist"),
+        "{}",
+        stderr(&none)
+    );
+}
+
+/// When polls take longer than the re-poll interval, `--max-wait 0s` still ends:
+/// orders that come due again after the input was read wait for a later run.
+#[tokio::test(flavor = "multi_thread")]
+async fn slow_polls_do_not_keep_a_no_wait_run_alive() {
+    let server = mock(MockOptions {
+        latency: Duration::from_millis(250),
+        ..MockOptions::default()
+    })
+    .await;
+    let ws = Workspace::new();
+    ws.write("orders.csv", &orders_csv(&numbered("NEVER", 6)));
+    ws.config(
+        &server.payprotocol_base_url(),
+        SECRET,
+        "[fetch]\nconcurrency = 1\n[settle]\npoll_interval = \"50ms\"\n",
+    );
+    let out = tokio::time::timeout(
+        Duration::from_secs(60),
+        ws.run(&["--input", "orders.csv", "--max-wait", "0s"]),
+    )
+    .await
+    .expect("the run ends");
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(latest(&ws.rows()).len(), 6);
+    assert!(server.counters().snapshot().payprotocol_detail_requests < 12);
 }
