@@ -253,6 +253,12 @@ impl fmt::Display for Amount {
     }
 }
 
+/// Formats paysync's own times (`observed_at`, `first_seen_at`) as RFC 3339 UTC with
+/// exactly three fraction digits, so that they also sort correctly as strings.
+pub fn rfc3339_millis(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Millis, true)
+}
+
 /// Formats a UTC time as RFC 3339 with `Z`, keeping sub-second digits only when present.
 pub fn rfc3339(t: DateTime<Utc>) -> String {
     t.to_rfc3339_opts(SecondsFormat::AutoSi, true)
@@ -405,8 +411,8 @@ impl Observation {
             opt(&self.paid_account),
             self.created_at.map(rfc3339).unwrap_or_default(),
             self.paid_at.map(rfc3339).unwrap_or_default(),
-            rfc3339(self.observed_at),
-            rfc3339(self.first_seen_at),
+            rfc3339_millis(self.observed_at),
+            rfc3339_millis(self.first_seen_at),
             self.polls.to_string(),
             opt(&self.error),
         ]
@@ -434,7 +440,7 @@ mod rfc3339_req {
     use serde::{Deserialize, Deserializer, Serializer};
 
     pub fn serialize<S: Serializer>(t: &DateTime<Utc>, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&super::rfc3339(*t))
+        s.serialize_str(&super::rfc3339_millis(*t))
     }
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<DateTime<Utc>, D::Error> {
@@ -554,6 +560,18 @@ mod tests {
             let json = serde_json::to_string(&st).unwrap();
             assert_eq!(json, format!("\"{}\"", st.as_str()));
         }
+    }
+
+    /// paysync's own times always carry milliseconds: `...:40.000Z` must sort
+    /// before `...:40.100Z` as a string too.
+    #[test]
+    fn own_times_always_have_milliseconds() {
+        let t = DateTime::parse_from_rfc3339("2026-11-23T14:31:40Z")
+            .unwrap()
+            .to_utc();
+        assert_eq!(rfc3339_millis(t), "2026-11-23T14:31:40.000Z");
+        let later = t + chrono::TimeDelta::milliseconds(100);
+        assert!(rfc3339_millis(t) < rfc3339_millis(later));
     }
 
     #[test]

@@ -973,3 +973,53 @@ pub async fn run(
     tracing::info!(run = %report.run_id, errors = report.errors(), "run finished");
     Ok(report)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeSet;
+
+    /// Driven by paused tokio time, the dispatcher's clock and sleeps follow the
+    /// poll schedule exactly: each re-poll of a pending order falls due after the
+    /// backed-off interval, confirmation polls are quick, and the last poll lands on
+    /// the deadline.
+    #[tokio::test(start_paused = true)]
+    async fn poll_schedule_under_paused_time() {
+        let schedule = Schedule {
+            poll_interval: Duration::from_secs(60),
+            backoff_factor: 2.0,
+            max_poll_interval: Duration::from_secs(300),
+            confirming_interval: Duration::from_secs(10),
+            max_wait: Duration::from_secs(900),
+            unsettled: BTreeSet::from([PayStatus::Pending, PayStatus::Confirming]),
+        };
+        let clock = Clock::start();
+        let first_seen = clock.now();
+        let statuses = [
+            PayStatus::Pending,
+            PayStatus::Pending,
+            PayStatus::Pending,
+            PayStatus::Confirming,
+            PayStatus::Pending,
+            PayStatus::Pending,
+            PayStatus::Pending,
+        ];
+        let mut waits = Vec::new();
+        for (i, status) in statuses.into_iter().enumerate() {
+            let (_, next) =
+                tracker::decide(&schedule, status, first_seen, clock.now(), i as u32 + 1);
+            let Some(next) = next else { break };
+            let before = Instant::now();
+            tokio::time::sleep_until(clock.instant_at(next)).await;
+            assert_eq!(clock.now(), next, "the clock reaches the due time");
+            waits.push((Instant::now() - before).as_secs());
+        }
+        // 60, 120, 240 s backing off; 10 s while confirming; then capped at 300 s,
+        // and the last wait ends on the deadline, 900 s after first seen.
+        assert_eq!(waits, [60, 120, 240, 10, 300, 170]);
+        assert_eq!(clock.now() - first_seen, chrono::TimeDelta::seconds(900));
+        let (tracking, next) =
+            tracker::decide(&schedule, PayStatus::Pending, first_seen, clock.now(), 8);
+        assert_eq!((tracking, next), (Tracking::Deadline, None));
+    }
+}

@@ -14,7 +14,7 @@ use std::io;
 
 use chrono::{DateTime, Datelike, Timelike, Utc};
 
-use crate::model::{Amount, OUTPUT_COLUMNS, Observation, rfc3339};
+use crate::model::{Amount, OUTPUT_COLUMNS, Observation, rfc3339, rfc3339_millis};
 
 use super::WRITE_BUFFER;
 use super::atomic::HashingWriter;
@@ -128,15 +128,16 @@ impl CsvSink {
         put(w, c, opt(&row.chain_id))?;
         put(w, c, opt(&row.paid_account))?;
         let s = &mut self.scratch;
-        for t in [
-            row.created_at,
-            row.paid_at,
-            Some(row.observed_at),
-            Some(row.first_seen_at),
+        // Provider times keep their precision; paysync's own always show milliseconds.
+        for (t, millis) in [
+            (row.created_at, false),
+            (row.paid_at, false),
+            (Some(row.observed_at), true),
+            (Some(row.first_seen_at), true),
         ] {
             s.clear();
             if let Some(t) = t {
-                write_rfc3339(s, t);
+                write_rfc3339(s, t, millis);
             }
             put(w, c, s)?;
         }
@@ -186,10 +187,18 @@ impl CsvSink {
 /// Appends [`rfc3339`]`(t)` to `out` without allocating: `YYYY-MM-DDTHH:MM:SS`,
 /// then 3, 6 or 9 fraction digits only when needed, then `Z`. Years outside
 /// 0..=9999 and leap seconds take the general (allocating) path.
-fn write_rfc3339(out: &mut String, t: DateTime<Utc>) {
+/// With `millis`, whole seconds get `.000` too (as [`rfc3339_millis`]).
+fn write_rfc3339(out: &mut String, t: DateTime<Utc>, millis: bool) {
     let nanos = t.nanosecond();
-    if !(0..=9999).contains(&t.year()) || nanos >= 1_000_000_000 {
-        out.push_str(&rfc3339(t));
+    if !(0..=9999).contains(&t.year())
+        || nanos >= 1_000_000_000
+        || (millis && !nanos.is_multiple_of(1_000_000))
+    {
+        out.push_str(&if millis {
+            rfc3339_millis(t)
+        } else {
+            rfc3339(t)
+        });
         return;
     }
     let _ = write!(
@@ -202,7 +211,7 @@ fn write_rfc3339(out: &mut String, t: DateTime<Utc>) {
         t.minute(),
         t.second()
     );
-    if nanos == 0 {
+    if nanos == 0 && !millis {
         // Whole seconds: no fraction.
     } else if nanos.is_multiple_of(1_000_000) {
         let _ = write!(out, ".{:03}", nanos / 1_000_000);
@@ -303,8 +312,11 @@ mod tests {
         }
         for t in cases {
             let mut s = String::new();
-            write_rfc3339(&mut s, t);
+            write_rfc3339(&mut s, t, false);
             assert_eq!(s, rfc3339(t));
+            s.clear();
+            write_rfc3339(&mut s, t, true);
+            assert_eq!(s, rfc3339_millis(t));
         }
     }
 
@@ -380,13 +392,13 @@ mod tests {
         assert_eq!(table[1][18], "");
     }
 
-    /// Times keep the provider's precision in CSV.
+    /// Provider times keep their precision in CSV; paysync's own carry milliseconds.
     #[test]
     fn csv_times() {
         let mut o = minimal("A1", PayStatus::Paid);
         o.paid_at = Some(t("2024-04-03T05:40:06.123Z"));
         let table = write_and_read(&[], &[o]);
         assert_eq!(table[1][19], "2024-04-03T05:40:06.123Z");
-        assert_eq!(table[1][20], "2024-04-03T06:00:00Z");
+        assert_eq!(table[1][20], "2024-04-03T06:00:00.000Z");
     }
 }

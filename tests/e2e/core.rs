@@ -381,6 +381,17 @@ async fn validate_checks_config_and_secrets() {
         stderr(&out)
     );
 
+    // A bare secret file name is found in $CREDENTIALS_DIRECTORY (LoadCredential=).
+    std::fs::create_dir(ws.path("creds")).unwrap();
+    ws.write("creds/secret", SECRET);
+    let out = ws
+        .command(&["validate", "--config", "config.toml"])
+        .env("CREDENTIALS_DIRECTORY", ws.path("creds"))
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+
     ws.config(
         "http://127.0.0.1:9/api/mer",
         SECRET,

@@ -96,7 +96,16 @@ async fn daemon_ingests_settles_exports_and_stops_cleanly() {
     let server = mock(MockOptions::default()).await;
     let ws = Workspace::new();
     std::fs::create_dir(ws.path("inbox")).unwrap();
-    ws.config(&server.payprotocol_base_url(), SECRET, DAEMON);
+    let metrics_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    ws.config(
+        &server.payprotocol_base_url(),
+        SECRET,
+        &format!("{DAEMON}\n[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n"),
+    );
     append(&ws, "queue.txt", "Q-PAID-1\nQ-PENDING-2\n");
     let notes = Notifications::listen(&ws);
     let mut daemon = start_daemon(&ws, Some(&notes));
@@ -137,6 +146,26 @@ async fn daemon_ingests_settles_exports_and_stops_cleanly() {
             .all(|o| latest.get(*o).is_some_and(|r| r["tracking"] == "settled"))
     })
     .await;
+    assert!(
+        notes.has("STATUS=tracking"),
+        "{:?}",
+        notes.seen.lock().unwrap()
+    );
+    let metrics = reqwest::get(format!("http://127.0.0.1:{metrics_port}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for name in [
+        "paysync_requests_total ",
+        "paysync_throttled_total 0",
+        "paysync_orders{status=\"paid\",tracking=\"settled\"}",
+        "paysync_oldest_unsettled_age_seconds",
+        "paysync_last_export_timestamp_seconds",
+    ] {
+        assert!(metrics.contains(name), "{name} missing in:\n{metrics}");
+    }
     sigterm(&daemon);
     let out = tokio::time::timeout(Duration::from_secs(30), daemon.wait())
         .await
