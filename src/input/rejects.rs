@@ -12,7 +12,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 use super::InputRecord;
-use crate::output::{create_private_file, escape_formula_into, fsync_dir_io, temp_path};
+use crate::output::{create_private_file, csv_to_io, escape_formula_into, fsync_dir_io, temp_path};
 
 /// The rejects file's header row.
 pub const REJECTS_HEADER: [&str; 4] = ["source", "line", "reason", "raw"];
@@ -148,13 +148,6 @@ impl Drop for RejectsWriter {
         if let Some(open) = self.open.take() {
             let _ = fs::remove_file(&open.temp);
         }
-    }
-}
-
-fn csv_to_io(e: ::csv::Error) -> io::Error {
-    match e.into_kind() {
-        ::csv::ErrorKind::Io(e) => e,
-        other => io::Error::other(format!("{other:?}")),
     }
 }
 

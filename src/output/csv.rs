@@ -245,7 +245,8 @@ fn put<W: io::Write>(
     }
 }
 
-fn csv_to_io(e: ::csv::Error) -> io::Error {
+/// A csv error as the io::Error it wraps (or describes); shared with the rejects file.
+pub(crate) fn csv_to_io(e: ::csv::Error) -> io::Error {
     match e.into_kind() {
         ::csv::ErrorKind::Io(e) => e,
         other => io::Error::other(format!("{other:?}")),

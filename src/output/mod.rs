@@ -30,8 +30,8 @@ use crate::model::{Observation, PayStatus};
 
 pub(crate) use self::atomic::{create_private_file, fsync_dir_io, temp_path};
 pub use self::atomic::{fsync_dir, remove_uncommitted, write_atomic};
-pub(crate) use self::csv::escape_formula_into;
 pub use self::csv::{csv_header, escape_formula};
+pub(crate) use self::csv::{csv_to_io, escape_formula_into};
 pub use self::manifest::{Manifest, ManifestExtra, manifest_path, read_manifest, verify};
 
 use self::atomic::HashingWriter;
