@@ -80,7 +80,8 @@ fn sigterm(child: &tokio::process::Child) {
 fn start_daemon(ws: &Workspace, notify: Option<&Notifications>) -> tokio::process::Child {
     let mut cmd = ws.command(&["daemon", "--config", "config.toml", "--log-format", "json"]);
     if let Some(n) = notify {
-        cmd.env("NOTIFY_SOCKET", &n.path);
+        cmd.env("NOTIFY_SOCKET", &n.path)
+            .env("WATCHDOG_USEC", "200000");
     }
     cmd.stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
@@ -110,6 +111,8 @@ async fn daemon_ingests_settles_exports_and_stops_cleanly() {
     let notes = Notifications::listen(&ws);
     let mut daemon = start_daemon(&ws, Some(&notes));
     wait_for("READY=1", || notes.has("READY=1")).await;
+    // WATCHDOG_USEC is set (200 ms): pings come at half of it.
+    wait_for("WATCHDOG=1", || notes.has("WATCHDOG=1")).await;
 
     let counters = server.counters();
     wait_for("first queue lines fetched", || {
@@ -271,4 +274,113 @@ async fn second_signal_exits_at_once_without_corrupting_state() {
     let out = ws.run(&[]).await;
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert_eq!(latest(&ws.rows()).len(), 4);
+}
+
+/// Like a systemd timer with `Persistent=true`: an export that fell due while the
+/// daemon was down runs once at start, before the daemon reports ready.
+#[tokio::test(flavor = "multi_thread")]
+async fn export_missed_while_down_runs_at_start() {
+    let server = mock(MockOptions::default()).await;
+    let ws = Workspace::new();
+    // A yearly export: it would not fire during the test by itself.
+    let daemon_cfg = "[schedule]\nexport = \"0 0 0 1 1 *\"\n";
+    ws.config(&server.payprotocol_base_url(), SECRET, daemon_cfg);
+    ws.write("a.csv", &orders_csv(&numbered("PAID", 3)));
+    let out = ws.run(&["--input", "a.csv"]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    // A second run dies after recording polls: rows wait in state, unexported.
+    ws.write("b.csv", &orders_csv(&numbered("PAID-B", 3)));
+    let crashed = ws
+        .command(&[
+            "run",
+            "--config",
+            "config.toml",
+            "--no-progress",
+            "--input",
+            "b.csv",
+        ])
+        .env(paysync::failpoint::ENV, "after-first-record")
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(crashed.status.signal(), Some(9));
+    // The last export was long ago: the yearly export fell due since.
+    let db = rusqlite::Connection::open(ws.path("state.db")).unwrap();
+    db.execute("UPDATE batches SET committed_at = 1577836800000", [])
+        .unwrap();
+    drop(db);
+    let manifests = |ws: &Workspace| {
+        ws.out_files()
+            .iter()
+            .filter(|f| f.ends_with(".manifest.json"))
+            .count()
+    };
+    assert_eq!(manifests(&ws), 1);
+
+    let notes = Notifications::listen(&ws);
+    let mut daemon = start_daemon(&ws, Some(&notes));
+    wait_for("READY=1", || notes.has("READY=1")).await;
+    assert_eq!(manifests(&ws), 2, "exported at start: {:?}", ws.out_files());
+    // It holds rows the crashed run recorded but never exported.
+    assert!(
+        ws.rows()
+            .iter()
+            .any(|r| r["order_no"].as_str().unwrap().starts_with("T-PAID-B-")),
+        "{:?}",
+        ws.rows()
+    );
+    sigterm(&daemon);
+    assert_eq!(daemon.wait().await.unwrap().code(), Some(0));
+    assert_no_duplicates(&ws.rows());
+}
+
+/// A job never overlaps a still-running instance of itself: while a large inbox
+/// file is being ingested, the next ingest turns are skipped, and every order is
+/// registered once.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_running_ingest_is_not_started_again() {
+    let server = mock(MockOptions::default()).await;
+    let ws = Workspace::new();
+    std::fs::create_dir(ws.path("inbox")).unwrap();
+    ws.config(
+        &server.payprotocol_base_url(),
+        SECRET,
+        &format!("{DAEMON}\n[fetch]\nrate_limit = 5.0\nburst = 1\n"),
+    );
+    let notes = Notifications::listen(&ws);
+    let mut daemon = start_daemon(&ws, Some(&notes));
+    wait_for("READY=1", || notes.has("READY=1")).await;
+    // Big enough that ingesting it spans several one-second ticks.
+    ws.write("big.tmp", &orders_csv(&numbered("PAID", 60_000)));
+    std::fs::rename(ws.path("big.tmp"), ws.path("inbox/big.csv")).unwrap();
+    wait_for("inbox file ingested", || {
+        ws.path("inbox/done/big.csv").exists()
+    })
+    .await;
+    sigterm(&daemon);
+    let mut err = String::new();
+    use tokio::io::AsyncReadExt;
+    daemon
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .await
+        .unwrap();
+    assert_eq!(daemon.wait().await.unwrap().code(), Some(0));
+    assert!(
+        err.contains("ingest still running; skipping this turn"),
+        "{err}"
+    );
+    let out = ws
+        .paysync(&["status", "--config", "config.toml", "--json"])
+        .await;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let total: u64 = v["by_status"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["orders"].as_u64().unwrap())
+        .sum();
+    assert_eq!(total, 60_000, "{v}");
 }
