@@ -8,6 +8,7 @@ use clap::{Args, Parser, Subcommand};
 use crate::mock::MockArgs;
 use crate::output::Format;
 use crate::provider::ProviderKind;
+use crate::schema::SchemaFormat;
 use crate::telemetry::LogFormat;
 
 /// paysync: fetch payment details for order numbers, track them until they settle,
@@ -39,6 +40,19 @@ pub enum Command {
     MockServer(MockArgs),
     /// Start the mock server, write sample orders and run a real backfill against it.
     Demo(DemoArgs),
+    /// Print the output schema (column names, types, descriptions) for a loader.
+    Schema(SchemaArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct SchemaArgs {
+    /// How to print it: JSON, a BigQuery schema file, or SQL DDL.
+    #[arg(long, value_enum, default_value = "json")]
+    pub format: SchemaFormat,
+    /// An input CSV column to include as a typed field (repeat, or comma-separate);
+    /// without any, `input` is one JSON value.
+    #[arg(long = "input-column", value_name = "NAME", value_delimiter = ',')]
+    pub input_columns: Vec<String>,
 }
 
 #[derive(Debug, Args)]
@@ -59,7 +73,7 @@ pub struct RunArgs {
     /// Output directory (overrides `output.dir`).
     #[arg(long, short = 'o', value_name = "DIR")]
     pub output: Option<PathBuf>,
-    /// Output format (overrides `output.format`).
+    /// Output format: jsonl, csv or parquet (overrides `output.format`).
     #[arg(long, value_parser = parse_format)]
     pub format: Option<Format>,
     /// How long to keep polling unsettled orders (overrides `settle.wait`); `0s`
@@ -99,7 +113,7 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 
 fn parse_format(s: &str) -> Result<Format, String> {
     s.parse::<Format>()
-        .map_err(|_| format!("{s:?} is not \"jsonl\" or \"csv\""))
+        .map_err(|_| format!("{s:?} is not \"jsonl\", \"csv\" or \"parquet\""))
 }
 
 fn parse_provider(s: &str) -> Result<ProviderKind, String> {

@@ -36,6 +36,7 @@ pub mod model;
 pub mod output;
 pub mod pipeline;
 pub mod provider;
+pub mod schema;
 pub mod state;
 pub mod telemetry;
 pub mod tracker;

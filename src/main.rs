@@ -132,6 +132,13 @@ async fn dispatch(command: Command) -> u8 {
                 }
             }
         }
+        Command::Schema(args) => {
+            print!(
+                "{}",
+                paysync::schema::render(args.format, &args.input_columns)
+            );
+            0
+        }
         Command::Demo(args) => {
             match demo::run_demo(args.provider, args.orders, &args.dir, shutdown_signal()).await {
                 Ok(out) => {
@@ -190,6 +197,12 @@ async fn run(args: RunArgs) -> Result<RunReport, RunError> {
     }
     if let Some(f) = args.format {
         settings.output.format = f;
+        settings.output.encoding().map_err(|m| {
+            RunError::Setup(format!(
+                "--format {f}: {m} (output.compression in {})",
+                settings.source.display()
+            ))
+        })?;
     }
     // No input at all is fine: the run then polls the orders that are due.
     let inputs = if args.input.is_empty() {

@@ -31,7 +31,8 @@ use crate::config::{ConfigError, ProviderSettings, Settings};
 use crate::fetch::{self, Limiter, Stats, Transport};
 use crate::input::{self, InputError, InputSpec, RejectsWriter};
 use crate::model::{PayStatus, Tracking};
-use crate::output::{self, Format, Manifest, ManifestExtra, OutputError};
+use crate::output::layout::{self, BatchKey};
+use crate::output::{self, Encoding, Format, Manifest, ManifestExtra, OutputError};
 use crate::provider::{
     FetchError, OrderRef, PayProvider, Provider, ProviderKind, genauth::GenAuth,
     payprotocol::PayProtocol,
@@ -312,9 +313,8 @@ impl Engine {
         let open = self.blocking(|s| s.open_batches()).await?;
         for batch in open {
             tracing::warn!(batch = %batch.name, rows = batch.rows, "finishing an export interrupted by a crash");
-            let run_id = run_id_of(&batch.name).to_owned();
             let started_at = batch.created_at;
-            self.export_batch(batch, run_id, started_at).await?;
+            self.export_batch(batch, started_at).await?;
         }
         Ok(())
     }
@@ -621,8 +621,9 @@ impl Engine {
         })
     }
 
-    /// Stages every unexported row under `name` and commits it as a file with its
-    /// manifest. `None` when there was nothing to export.
+    /// Stages every unexported row under the path `output.path_template` gives
+    /// for `run_id` now, and commits it as a file with its manifest and the
+    /// directory's `_SUCCESS` marker. `None` when there was nothing to export.
     /// `started_at` goes into the manifest (the run's or export's start).
     pub async fn export(
         &self,
@@ -630,88 +631,126 @@ impl Engine {
         started_at: DateTime<Utc>,
     ) -> Result<Option<(PathBuf, Manifest)>, RunError> {
         let now = self.clock.now();
-        let name = batch_name(run_id);
+        let output = &self.settings.output;
+        let key = BatchKey {
+            run_id: run_id.to_owned(),
+            path: output
+                .path_template
+                .render(self.kind.as_str(), run_id, now, output.format),
+        };
+        let name = key.encode();
         let Some(batch) = self.blocking(move |s| s.stage_batch(&name, now)).await? else {
             return Ok(None);
         };
-        self.export_batch(batch, run_id.to_owned(), started_at)
-            .await
-            .map(Some)
+        self.export_batch(batch, started_at).await.map(Some)
     }
 
     /// Writes (or verifies) one staged batch and marks it committed.
     async fn export_batch(
         &self,
         batch: Batch,
-        run_id: String,
         started_at: DateTime<Utc>,
     ) -> Result<(PathBuf, Manifest), RunError> {
         let store = self.store.clone();
-        let dir = self.settings.output.dir.clone();
-        let format = self.settings.output.format;
+        let root = self.settings.output.dir.clone();
+        let encoding = self.settings.output.encoding().map_err(RunError::Setup)?;
         let provider = self.kind.as_str().to_owned();
         let now = self.clock.now();
         tokio::task::spawn_blocking(move || {
             let meta = BatchMeta {
-                run_id,
                 provider,
                 started_at,
                 now,
             };
-            write_batch(store.as_ref(), &dir, format, &batch, meta)
+            write_batch(store.as_ref(), &root, encoding, &batch, meta)
         })
         .await
         .map_err(task_error)?
     }
 }
 
-/// The file stem of a run's (or export's) data file and manifest.
-pub fn batch_name(run_id: &str) -> String {
-    format!("paysync-{run_id}")
-}
-
-/// The run id a batch name was made from.
-fn run_id_of(batch_name: &str) -> &str {
-    batch_name.strip_prefix("paysync-").unwrap_or(batch_name)
-}
-
 /// What the manifest of a batch records besides its rows.
 struct BatchMeta {
-    run_id: String,
     provider: String,
     started_at: DateTime<Utc>,
     now: DateTime<Utc>,
 }
 
-/// The blocking half of an export: verify-or-rewrite, then mark committed.
+/// The blocking half of an export: verify-or-rewrite, the `_SUCCESS` marker,
+/// then mark committed. Returns the manifest's path.
 fn write_batch(
     store: &dyn StateStore,
-    dir: &Path,
-    format: Format,
+    root: &Path,
+    encoding: Encoding,
     batch: &Batch,
     meta: BatchMeta,
 ) -> Result<(PathBuf, Manifest), RunError> {
     let BatchMeta {
-        run_id,
         provider,
         started_at,
         now,
     } = meta;
-    std::fs::create_dir_all(dir).map_err(|e| OutputError::Create {
-        path: dir.to_owned(),
-        source: e,
-    })?;
-    if output::verify(dir, &batch.name)?
-        && let Some(m) = output::read_manifest(dir, &batch.name)?
-    {
-        store.commit_batch(batch.id, now)?;
-        return Ok((output::manifest_path(dir, &batch.name), m));
+    let key = BatchKey::decode(&batch.name);
+    let name = key.path.stem.as_str();
+    layout::create_dirs(Path::new(""), root)?;
+    layout::create_dirs(root, &key.path.dir)?;
+    let dir = root.join(&key.path.dir);
+    let manifest = match committed_manifest(&dir, name)? {
+        Some(m) => m,
+        None => write_file(
+            store,
+            &dir,
+            name,
+            encoding,
+            batch,
+            &key.run_id,
+            &provider,
+            started_at,
+        )?,
+    };
+    let rel = |file: &str| key.path.dir.join(file).to_string_lossy().into_owned();
+    layout::SuccessMarker {
+        run_id: key.run_id.clone(),
+        provider,
+        schema_version: manifest.schema_version,
+        finished_at: crate::model::rfc3339_millis(manifest.finished_at),
+        files: vec![layout::SuccessFile {
+            data_file: rel(&manifest.data_file),
+            manifest: rel(&format!("{name}.manifest.json")),
+            rows: manifest.rows,
+            sha256: manifest.sha256.clone(),
+        }],
     }
-    for f in [Format::Jsonl, Format::Csv] {
-        output::remove_uncommitted(dir, &batch.name, f)?;
+    .write(&dir)?;
+    crate::failpoint::hit("before-batch-commit");
+    store.commit_batch(batch.id, now)?;
+    Ok((output::manifest_path(&dir, name), manifest))
+}
+
+/// The manifest of output `<dir>/<name>` when it is committed and intact.
+fn committed_manifest(dir: &Path, name: &str) -> Result<Option<Manifest>, OutputError> {
+    if output::verify(dir, name)? {
+        return output::read_manifest(dir, name);
     }
+    Ok(None)
+}
+
+/// Writes a batch's rows to `<dir>/<name>.<ext>` and commits it with its
+/// manifest, after removing what a crashed attempt left.
+#[allow(clippy::too_many_arguments)]
+fn write_file(
+    store: &dyn StateStore,
+    dir: &Path,
+    name: &str,
+    encoding: Encoding,
+    batch: &Batch,
+    run_id: &str,
+    provider: &str,
+    started_at: DateTime<Utc>,
+) -> Result<Manifest, RunError> {
+    output::remove_uncommitted(dir, name)?;
     let mut columns: Vec<String> = Vec::new();
-    if format == Format::Csv {
+    if encoding.format != Format::Jsonl {
         let mut seen = std::collections::HashSet::new();
         store.visit_batch(batch.id, &mut |row| {
             for (k, _) in &row.input {
@@ -723,7 +762,7 @@ fn write_batch(
             Ok(())
         })?;
     }
-    let mut writer = output::FileWriter::create(dir, &batch.name, format, columns, started_at)?;
+    let mut writer = output::FileWriter::create_with(dir, name, encoding, columns, started_at)?;
     let mut write_err: Option<OutputError> = None;
     let crash_mid_write = crate::failpoint::armed("mid-write").then_some(batch.rows / 2);
     let mut written = 0u64;
@@ -742,10 +781,10 @@ fn write_batch(
     if let Some(e) = write_err {
         return Err(e.into());
     }
-    let manifest = writer.commit(ManifestExtra { run_id, provider })?;
-    crate::failpoint::hit("before-batch-commit");
-    store.commit_batch(batch.id, now)?;
-    Ok((output::manifest_path(dir, &batch.name), manifest))
+    Ok(writer.commit(ManifestExtra {
+        run_id: run_id.to_owned(),
+        provider: provider.to_owned(),
+    })?)
 }
 
 /// When polling ends.

@@ -19,7 +19,8 @@ use secrecy::SecretString;
 use crate::fetch::RetryPolicy;
 use crate::fetch::retry::{DEFAULT_BACKOFF_BASE, DEFAULT_BACKOFF_MAX, DEFAULT_MAX_ATTEMPTS};
 use crate::model::PayStatus;
-use crate::output::Format;
+use crate::output::layout::PathTemplate;
+use crate::output::{Compression, Encoding, Format};
 use crate::provider::ProviderKind;
 use crate::provider::genauth::{Brand, GenAuthSettings, default_status_map};
 use crate::provider::payprotocol::{DEFAULT_TIME_ZONE, PayProtocolSettings};
@@ -206,6 +207,21 @@ pub struct InputSettings {
 pub struct OutputSettings {
     pub dir: PathBuf,
     pub format: Format,
+    /// `None`: the format's default (zstd inside Parquet, none for text).
+    pub compression: Option<Compression>,
+    pub path_template: PathTemplate,
+}
+
+impl OutputSettings {
+    /// The format with its compression; `Err` says why the pair is impossible
+    /// (snappy for text, a format this build lacks).
+    pub fn encoding(&self) -> Result<Encoding, String> {
+        Encoding::with(
+            self.format,
+            self.compression
+                .unwrap_or_else(|| self.format.default_compression()),
+        )
+    }
 }
 
 #[derive(Debug, Clone, Default)]

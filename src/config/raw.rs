@@ -99,6 +99,8 @@ struct Input {
 struct Output {
     dir: Option<PathBuf>,
     format: Option<String>,
+    compression: Option<String>,
+    path_template: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -457,9 +459,28 @@ impl Config {
             Some(f) => f.parse::<Format>().map_err(|_| {
                 c.err(
                     "output.format",
-                    format!("{f:?} is not \"jsonl\" or \"csv\""),
+                    format!("{f:?} is not \"jsonl\", \"csv\" or \"parquet\""),
                 )
             })?,
+        };
+        if !format.is_supported() {
+            return Err(c.err(
+                "output.format",
+                format!("this paysync was built without the {format} cargo feature"),
+            ));
+        }
+        let compression = match o.compression.as_deref() {
+            None => None,
+            Some(v) => Some(
+                v.parse::<Compression>()
+                    .map_err(|m| c.err("output.compression", m))?,
+            ),
+        };
+        let path_template = match o.path_template.as_deref() {
+            None => PathTemplate::default(),
+            Some(t) => t
+                .parse::<PathTemplate>()
+                .map_err(|e| c.err("output.path_template", e.to_string()))?,
         };
         let output = OutputSettings {
             dir: anchor(
@@ -467,7 +488,12 @@ impl Config {
                 o.dir.unwrap_or_else(|| PathBuf::from(DEFAULT_OUTPUT_DIR)),
             ),
             format,
+            compression,
+            path_template,
         };
+        output
+            .encoding()
+            .map_err(|m| c.err("output.compression", m))?;
 
         let schedule = ScheduleSettings {
             ingest: check_cron(&c, "schedule.ingest", self.schedule.ingest)?,

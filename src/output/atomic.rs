@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
-use super::{Format, OutputError, manifest_path};
+use super::{Encoding, OutputError, manifest_path};
 
 /// Mode of every file paysync creates in the output directory.
 pub const FILE_MODE: u32 = 0o640;
@@ -90,19 +90,26 @@ fn write_and_rename(temp: &Path, path: &Path, bytes: &[u8]) -> Result<(), Output
     })
 }
 
-/// Crash recovery for output `<name>`: deletes its temporary files and a data
-/// file that has no manifest (a commit interrupted between the two renames).
-/// Returns the paths deleted. A committed file (manifest present) is kept.
-pub fn remove_uncommitted(
-    dir: &Path,
-    name: &str,
-    format: Format,
-) -> Result<Vec<PathBuf>, OutputError> {
-    let data = dir.join(format!("{name}.{}", format.extension()));
+/// Crash recovery for output `<name>`: deletes its temporary files and every
+/// data file `<name>.<ext>` (any format and compression) that its manifest does
+/// not name (a commit interrupted between the two renames, or a format changed
+/// between a crash and the rerun). Returns the paths deleted. A committed file
+/// (named by its manifest) is kept.
+pub fn remove_uncommitted(dir: &Path, name: &str) -> Result<Vec<PathBuf>, OutputError> {
     let manifest = manifest_path(dir, name);
-    let mut candidates = vec![temp_path(&data), temp_path(&manifest)];
-    if !manifest.exists() {
-        candidates.push(data);
+    let committed = match super::read_manifest(dir, name) {
+        Ok(Some(m)) => Some(m.data_file),
+        Ok(None) | Err(OutputError::InvalidManifest { .. }) => None,
+        Err(e) => return Err(e),
+    };
+    let mut candidates = vec![temp_path(&manifest)];
+    for ext in Encoding::all_extensions() {
+        let file = format!("{name}.{ext}");
+        let data = dir.join(&file);
+        candidates.push(temp_path(&data));
+        if committed.as_deref() != Some(file.as_str()) {
+            candidates.push(data);
+        }
     }
     let mut removed = Vec::new();
     for path in candidates {
@@ -192,11 +199,13 @@ mod tests {
         fs::write(d.join("a.jsonl"), b"{}\n").unwrap();
         fs::write(d.join(".a.jsonl.tmp"), b"{").unwrap();
         fs::write(d.join(".a.manifest.json.tmp"), b"{").unwrap();
-        let mut removed = remove_uncommitted(d, "a", Format::Jsonl).unwrap();
+        fs::write(d.join(".a.csv.gz.tmp"), b"x").unwrap();
+        let mut removed = remove_uncommitted(d, "a").unwrap();
         removed.sort();
         assert_eq!(
             removed,
             vec![
+                d.join(".a.csv.gz.tmp"),
                 d.join(".a.jsonl.tmp"),
                 d.join(".a.manifest.json.tmp"),
                 d.join("a.jsonl")
@@ -204,10 +213,28 @@ mod tests {
         );
         assert_eq!(fs::read_dir(d).unwrap().count(), 0);
 
-        fs::write(d.join("b.csv"), b"x\n").unwrap();
-        fs::write(d.join("b.manifest.json"), b"{}").unwrap();
-        assert!(remove_uncommitted(d, "b", Format::Csv).unwrap().is_empty());
+        // A committed file stays; a stray file of another encoding goes.
+        let mut w = super::super::FileWriter::create(
+            d,
+            "b",
+            super::super::Format::Csv,
+            vec![],
+            chrono::Utc::now(),
+        )
+        .unwrap();
+        w.write(&super::super::tests::sample()).unwrap();
+        w.commit(super::super::ManifestExtra {
+            run_id: "r".into(),
+            provider: "p".into(),
+        })
+        .unwrap();
+        fs::write(d.join("b.jsonl.zst"), b"x").unwrap();
+        assert_eq!(
+            remove_uncommitted(d, "b").unwrap(),
+            vec![d.join("b.jsonl.zst")]
+        );
         assert!(d.join("b.csv").exists());
+        assert!(d.join("b.manifest.json").exists());
     }
 
     /// The hash is the sha256 of exactly the bytes written.

@@ -9,7 +9,6 @@
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fmt::Write as _;
-use std::fs::File;
 use std::io;
 
 use chrono::{DateTime, Datelike, Timelike, Utc};
@@ -17,7 +16,7 @@ use chrono::{DateTime, Datelike, Timelike, Utc};
 use crate::model::{Amount, OUTPUT_COLUMNS, Observation, rfc3339, rfc3339_millis};
 
 use super::WRITE_BUFFER;
-use super::atomic::HashingWriter;
+use super::encode::TextEncoder;
 
 /// First characters that make a spreadsheet read a cell as a formula.
 const FORMULA_STARTS: [u8; 6] = [b'=', b'+', b'-', b'@', b'\t', b'\r'];
@@ -58,7 +57,7 @@ pub fn csv_header(input_columns: &[String]) -> Vec<String> {
 
 /// Encodes rows as CSV into a hashing file writer.
 pub(super) struct CsvSink {
-    writer: ::csv::Writer<HashingWriter<File>>,
+    writer: ::csv::Writer<TextEncoder>,
     /// Input column names, in output order.
     input_columns: Vec<String>,
     /// Input column name to its position in `input_columns`.
@@ -74,7 +73,7 @@ pub(super) struct CsvSink {
 impl CsvSink {
     /// Writes the header and returns the encoder.
     pub(super) fn new(
-        inner: HashingWriter<File>,
+        inner: TextEncoder,
         input_columns: Vec<String>,
         header: &[String],
     ) -> io::Result<Self> {
@@ -179,7 +178,7 @@ impl CsvSink {
     }
 
     /// Flushes everything and returns the hashing writer.
-    pub(super) fn finish(self) -> io::Result<HashingWriter<File>> {
+    pub(super) fn finish(self) -> io::Result<TextEncoder> {
         self.writer.into_inner().map_err(|e| e.into_error())
     }
 }

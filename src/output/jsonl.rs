@@ -4,13 +4,12 @@
 //!
 //! - `JsonlSink`: the encoder behind a JSONL [`super::FileWriter`].
 
-use std::fs::File;
 use std::io::{self, BufWriter, Write};
 
 use crate::model::{OUTPUT_COLUMNS, Observation};
 
 use super::WRITE_BUFFER;
-use super::atomic::HashingWriter;
+use super::encode::TextEncoder;
 
 /// The keys of every JSONL object, in order (for the manifest).
 pub(super) fn keys() -> Vec<String> {
@@ -23,11 +22,11 @@ pub(super) fn keys() -> Vec<String> {
 
 /// Encodes rows as JSON lines into a buffered hashing file writer.
 pub(super) struct JsonlSink {
-    writer: BufWriter<HashingWriter<File>>,
+    writer: BufWriter<TextEncoder>,
 }
 
 impl JsonlSink {
-    pub(super) fn new(inner: HashingWriter<File>) -> Self {
+    pub(super) fn new(inner: TextEncoder) -> Self {
         Self {
             writer: BufWriter::with_capacity(WRITE_BUFFER, inner),
         }
@@ -39,7 +38,7 @@ impl JsonlSink {
     }
 
     /// Flushes everything and returns the hashing writer.
-    pub(super) fn finish(self) -> io::Result<HashingWriter<File>> {
+    pub(super) fn finish(self) -> io::Result<TextEncoder> {
         self.writer.into_inner().map_err(|e| e.into_error())
     }
 }

@@ -16,7 +16,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use super::{OutputError, write_atomic};
+use super::{Compression, OutputError, write_atomic};
 
 /// What the caller adds to a manifest at commit.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -30,8 +30,12 @@ pub struct ManifestExtra {
 pub struct Manifest {
     /// The data file's name, in the same directory (`<name>.<ext>`).
     pub data_file: String,
-    /// `jsonl` or `csv`.
+    /// `jsonl`, `csv` or `parquet`.
     pub format: String,
+    /// `none`, `gzip` or `zstd` for text files (the whole file is compressed);
+    /// for Parquet, the codec of its pages.
+    #[serde(default = "no_compression")]
+    pub compression: Compression,
     /// Data rows (CSV: not counting the header).
     pub rows: u64,
     /// Size of the data file in bytes.
@@ -52,13 +56,13 @@ pub struct Manifest {
     pub columns: Vec<String>,
 }
 
+fn no_compression() -> Compression {
+    Compression::None
+}
+
 impl Manifest {
     /// Writes the manifest for output `<name>` atomically.
-    pub(super) fn write(&self, dir: &Path) -> Result<(), OutputError> {
-        let name = self
-            .data_file
-            .rsplit_once('.')
-            .map_or(self.data_file.as_str(), |(stem, _)| stem);
+    pub(super) fn write(&self, dir: &Path, name: &str) -> Result<(), OutputError> {
         let mut json = serde_json::to_vec_pretty(self).map_err(|e| OutputError::Write {
             path: manifest_path(dir, name),
             source: io::Error::other(e),
@@ -116,8 +120,31 @@ pub fn verify(dir: &Path, name: &str) -> Result<bool, OutputError> {
         bytes: 0,
     };
     let rows = match m.format.as_str() {
-        "csv" => count_csv_rows(&mut hashing).map_err(read_err)?,
-        "jsonl" => count_lines(&mut hashing).map_err(read_err)?,
+        "csv" | "jsonl" => {
+            let counted = super::decoder(&mut hashing, m.compression).and_then(|mut text| {
+                if m.format == "csv" {
+                    count_csv_rows(&mut text)
+                } else {
+                    count_lines(&mut text)
+                }
+            });
+            match counted {
+                Ok(n) => n,
+                // A compressed stream that does not decode is a damaged file.
+                Err(_) if m.compression != Compression::None => return Ok(false),
+                Err(e) => return Err(read_err(e)),
+            }
+        }
+        #[cfg(feature = "parquet")]
+        "parquet" => {
+            // The footer is at the end: hash everything first, then read it.
+            io::copy(&mut hashing, &mut io::sink()).map_err(read_err)?;
+            let file = File::open(&path).map_err(read_err)?;
+            match super::parquet::count_rows(file) {
+                Ok(n) => n,
+                Err(_) => return Ok(false),
+            }
+        }
         _ => return Ok(false),
     };
     // Hash whatever the counter did not read (nothing, normally).

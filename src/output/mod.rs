@@ -14,8 +14,12 @@
 
 mod atomic;
 mod csv;
+mod encode;
 mod jsonl;
+pub mod layout;
 mod manifest;
+#[cfg(feature = "parquet")]
+mod parquet;
 
 use std::fmt;
 use std::fs;
@@ -32,10 +36,12 @@ pub(crate) use self::atomic::{create_private_file, fsync_dir_io, temp_path};
 pub use self::atomic::{fsync_dir, remove_uncommitted, write_atomic};
 pub use self::csv::{csv_header, escape_formula};
 pub(crate) use self::csv::{csv_to_io, escape_formula_into};
+pub use self::encode::decoder;
 pub use self::manifest::{Manifest, ManifestExtra, manifest_path, read_manifest, verify};
 
 use self::atomic::HashingWriter;
 use self::csv::CsvSink;
+use self::encode::TextEncoder;
 use self::jsonl::JsonlSink;
 
 /// Buffer size of data file writers: large writes, few syscalls.
@@ -47,19 +53,38 @@ pub const WRITE_BUFFER: usize = 256 * 1024;
 pub enum Format {
     Jsonl,
     Csv,
+    /// Typed columnar file (the `parquet` cargo feature, on by default).
+    Parquet,
 }
 
 impl Format {
+    pub const ALL: [Format; 3] = [Format::Jsonl, Format::Csv, Format::Parquet];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Format::Jsonl => "jsonl",
             Format::Csv => "csv",
+            Format::Parquet => "parquet",
         }
     }
 
-    /// The data file's extension, without the dot.
+    /// The data file's extension, without the dot and without a compression suffix.
     pub fn extension(self) -> &'static str {
         self.as_str()
+    }
+
+    /// Whether this build can write the format.
+    pub fn is_supported(self) -> bool {
+        self != Format::Parquet || cfg!(feature = "parquet")
+    }
+
+    /// The compression used when the config names none: `zstd` inside Parquet
+    /// files, none for text.
+    pub fn default_compression(self) -> Compression {
+        match self {
+            Format::Parquet => Compression::Zstd,
+            Format::Jsonl | Format::Csv => Compression::None,
+        }
     }
 }
 
@@ -69,9 +94,9 @@ impl fmt::Display for Format {
     }
 }
 
-/// A format name other than `jsonl` or `csv`.
+/// A format name other than `jsonl`, `csv` or `parquet`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown output format {0:?} (expected \"jsonl\" or \"csv\")")]
+#[error("unknown output format {0:?} (expected \"jsonl\", \"csv\" or \"parquet\")")]
 pub struct UnknownFormat(pub String);
 
 impl FromStr for Format {
@@ -81,8 +106,147 @@ impl FromStr for Format {
         match s {
             "jsonl" => Ok(Format::Jsonl),
             "csv" => Ok(Format::Csv),
+            "parquet" => Ok(Format::Parquet),
             other => Err(UnknownFormat(other.to_owned())),
         }
+    }
+}
+
+/// How a data file is compressed. Text files (JSONL, CSV) are compressed as a
+/// whole stream and get a suffix (`.jsonl.gz`, `.csv.zst`); Parquet compresses
+/// its pages inside the file and keeps the `.parquet` name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Compression {
+    None,
+    Gzip,
+    Zstd,
+    /// Parquet only.
+    Snappy,
+}
+
+impl Compression {
+    pub const ALL: [Compression; 4] = [
+        Compression::None,
+        Compression::Gzip,
+        Compression::Zstd,
+        Compression::Snappy,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Compression::None => "none",
+            Compression::Gzip => "gzip",
+            Compression::Zstd => "zstd",
+            Compression::Snappy => "snappy",
+        }
+    }
+
+    /// The file name suffix of a compressed text file, without the dot.
+    fn text_suffix(self) -> Option<&'static str> {
+        match self {
+            Compression::None | Compression::Snappy => None,
+            Compression::Gzip => Some("gz"),
+            Compression::Zstd => Some("zst"),
+        }
+    }
+}
+
+impl fmt::Display for Compression {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Compression {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Compression::ALL
+            .into_iter()
+            .find(|c| c.as_str() == s)
+            .ok_or_else(|| format!("{s:?} is not \"none\", \"gzip\", \"zstd\" or \"snappy\""))
+    }
+}
+
+/// A format with its compression: what a data file is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Encoding {
+    pub format: Format,
+    pub compression: Compression,
+}
+
+impl Encoding {
+    /// `format` with its default compression.
+    pub fn new(format: Format) -> Self {
+        Self {
+            format,
+            compression: format.default_compression(),
+        }
+    }
+
+    /// `format` with `compression`; `Err` says why the pair is not possible
+    /// (snappy for text, or a format this build lacks).
+    pub fn with(format: Format, compression: Compression) -> Result<Self, String> {
+        if !format.is_supported() {
+            return Err(format!(
+                "this paysync was built without the {format:?} cargo feature",
+                format = format.as_str()
+            ));
+        }
+        if compression == Compression::Snappy && format != Format::Parquet {
+            return Err(format!(
+                "snappy is only available for parquet; {format} takes \"none\", \"gzip\" or \"zstd\""
+            ));
+        }
+        Ok(Self {
+            format,
+            compression,
+        })
+    }
+
+    /// The data file's full extension, without the leading dot: `jsonl`,
+    /// `csv.gz`, `jsonl.zst`, `parquet`.
+    pub fn extension(self) -> String {
+        match (self.format, self.compression.text_suffix()) {
+            (Format::Jsonl | Format::Csv, Some(suffix)) => {
+                format!("{}.{suffix}", self.format.extension())
+            }
+            _ => self.format.extension().to_owned(),
+        }
+    }
+
+    /// Every extension paysync may have written for any encoding (crash recovery
+    /// removes uncommitted files of all of them).
+    fn all_extensions() -> Vec<String> {
+        let mut v = Vec::new();
+        for format in Format::ALL {
+            for compression in Compression::ALL {
+                if let Ok(e) = Encoding::with_unchecked(format, compression) {
+                    let ext = e.extension();
+                    if !v.contains(&ext) {
+                        v.push(ext);
+                    }
+                }
+            }
+        }
+        v
+    }
+
+    fn with_unchecked(format: Format, compression: Compression) -> Result<Self, ()> {
+        if compression == Compression::Snappy && format != Format::Parquet {
+            return Err(());
+        }
+        Ok(Self {
+            format,
+            compression,
+        })
+    }
+}
+
+impl fmt::Display for Encoding {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} ({})", self.format, self.compression)
     }
 }
 
@@ -153,9 +317,11 @@ impl OutputError {
 
 /// The encoder behind a [`FileWriter`].
 enum Sink {
-    /// Boxed: the CSV encoder carries its reuse buffers and index.
+    /// Boxed: the encoders carry buffers and compressor state.
     Csv(Box<CsvSink>),
-    Jsonl(JsonlSink),
+    Jsonl(Box<JsonlSink>),
+    #[cfg(feature = "parquet")]
+    Parquet(Box<self::parquet::ParquetSink>),
 }
 
 /// Writes one data file `<dir>/<name>.<ext>`: rows stream into the hidden
@@ -163,8 +329,10 @@ enum Sink {
 /// it visible with its manifest. Dropping it uncommitted deletes the temporary file.
 pub struct FileWriter {
     dir: PathBuf,
+    /// The file stem: `<name>.<ext>` and `<name>.manifest.json`.
+    name: String,
     data_file: String,
-    format: Format,
+    encoding: Encoding,
     temp: PathBuf,
     sink: Option<Sink>,
     /// CSV header or JSONL keys, for the manifest.
@@ -179,16 +347,15 @@ impl fmt::Debug for FileWriter {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("FileWriter")
             .field("temp", &self.temp)
-            .field("format", &self.format)
+            .field("encoding", &self.encoding)
             .field("rows", &self.rows)
             .finish_non_exhaustive()
     }
 }
 
 impl FileWriter {
-    /// Starts `<dir>/<name>.<ext>` as `.<name>.<ext>.tmp` in the same directory.
-    /// `input_columns` (CSV only) are the input column names to write as
-    /// `input.<name>` after the fixed columns, in this order (duplicates dropped).
+    /// Starts `<dir>/<name>.<ext>` as `.<name>.<ext>.tmp` in the same directory,
+    /// in `format` with its default compression (see [`FileWriter::create_with`]).
     pub fn create(
         dir: &Path,
         name: &str,
@@ -196,7 +363,21 @@ impl FileWriter {
         input_columns: Vec<String>,
         started_at: DateTime<Utc>,
     ) -> Result<Self, OutputError> {
-        let data_file = format!("{name}.{}", format.extension());
+        Self::create_with(dir, name, Encoding::new(format), input_columns, started_at)
+    }
+
+    /// Starts `<dir>/<name>.<ext>` (the encoding's extension, e.g. `jsonl.gz`)
+    /// as `.<name>.<ext>.tmp` in the same directory. `input_columns` (CSV and
+    /// Parquet) are the input column names to write after the fixed columns, in
+    /// this order (duplicates dropped).
+    pub fn create_with(
+        dir: &Path,
+        name: &str,
+        encoding: Encoding,
+        input_columns: Vec<String>,
+        started_at: DateTime<Utc>,
+    ) -> Result<Self, OutputError> {
+        let data_file = format!("{name}.{}", encoding.extension());
         let temp = temp_path(&dir.join(&data_file));
         let file = create_private_file(&temp).map_err(|source| OutputError::Create {
             path: temp.clone(),
@@ -204,8 +385,9 @@ impl FileWriter {
         })?;
         let mut this = Self {
             dir: dir.to_owned(),
+            name: name.to_owned(),
             data_file,
-            format,
+            encoding,
             temp,
             sink: None,
             columns: Vec::new(),
@@ -214,20 +396,39 @@ impl FileWriter {
             started_at,
         };
         let hashing = HashingWriter::new(file);
-        let sink = match format {
+        let mut seen = std::collections::HashSet::new();
+        let input_columns: Vec<String> = input_columns
+            .into_iter()
+            .filter(|c| seen.insert(c.clone()))
+            .collect();
+        let sink = match encoding.format {
             Format::Csv => {
-                let mut seen = std::collections::HashSet::new();
-                let input_columns: Vec<String> = input_columns
-                    .into_iter()
-                    .filter(|c| seen.insert(c.clone()))
-                    .collect();
                 this.columns = csv_header(&input_columns);
-                let sink = CsvSink::new(hashing, input_columns, &this.columns);
+                let text = TextEncoder::new(hashing, encoding.compression)
+                    .map_err(|source| this.write_error(source))?;
+                let sink = CsvSink::new(text, input_columns, &this.columns);
                 Sink::Csv(Box::new(sink.map_err(|source| this.write_error(source))?))
             }
             Format::Jsonl => {
                 this.columns = jsonl::keys();
-                Sink::Jsonl(JsonlSink::new(hashing))
+                let text = TextEncoder::new(hashing, encoding.compression)
+                    .map_err(|source| this.write_error(source))?;
+                Sink::Jsonl(Box::new(JsonlSink::new(text)))
+            }
+            #[cfg(feature = "parquet")]
+            Format::Parquet => {
+                this.columns = csv_header(&input_columns);
+                let sink =
+                    self::parquet::ParquetSink::new(hashing, input_columns, encoding.compression)
+                        .map_err(|source| this.write_error(source))?;
+                Sink::Parquet(Box::new(sink))
+            }
+            #[cfg(not(feature = "parquet"))]
+            Format::Parquet => {
+                return Err(this.write_error(io::Error::new(
+                    io::ErrorKind::Unsupported,
+                    "this paysync was built without the parquet cargo feature",
+                )));
             }
         };
         this.sink = Some(sink);
@@ -239,6 +440,8 @@ impl FileWriter {
         let result = match self.sink.as_mut() {
             Some(Sink::Csv(s)) => s.write(row),
             Some(Sink::Jsonl(s)) => s.write(row),
+            #[cfg(feature = "parquet")]
+            Some(Sink::Parquet(s)) => s.write(row),
             None => Ok(()),
         };
         result.map_err(|source| self.write_error(source))?;
@@ -264,8 +467,10 @@ impl FileWriter {
     /// visible under the final names (what can be deleted is deleted).
     pub fn commit(mut self, extra: ManifestExtra) -> Result<Manifest, OutputError> {
         let hashing = match self.sink.take() {
-            Some(Sink::Csv(s)) => s.finish(),
-            Some(Sink::Jsonl(s)) => s.finish(),
+            Some(Sink::Csv(s)) => s.finish().and_then(TextEncoder::finish),
+            Some(Sink::Jsonl(s)) => s.finish().and_then(TextEncoder::finish),
+            #[cfg(feature = "parquet")]
+            Some(Sink::Parquet(s)) => s.finish(),
             None => Err(io::Error::other("writer already committed")),
         }
         .map_err(|source| self.write_error(source))?;
@@ -284,7 +489,8 @@ impl FileWriter {
         })?;
         let manifest = Manifest {
             data_file: self.data_file.clone(),
-            format: self.format.as_str().to_owned(),
+            format: self.encoding.format.as_str().to_owned(),
+            compression: self.encoding.compression,
             rows: self.rows,
             bytes,
             sha256,
@@ -302,7 +508,7 @@ impl FileWriter {
         };
         let published = fsync_dir(&self.dir).and_then(|()| {
             crate::failpoint::hit("after-data-rename");
-            manifest.write(&self.dir)
+            manifest.write(&self.dir, &self.name)
         });
         if let Err(e) = published {
             let _ = fs::remove_file(&final_path);
@@ -549,6 +755,81 @@ pub(crate) mod tests {
         let err = w.commit(extra()).unwrap_err();
         assert!(err.to_string().contains("x.csv"), "{err}");
         assert!(!out.exists());
+    }
+
+    /// Compressed text files get their suffix, verify, and decompress to
+    /// exactly the bytes of the uncompressed file of the same rows; a damaged
+    /// compressed file does not verify.
+    #[test]
+    fn compressed_text_files() {
+        use std::io::Read;
+        for format in [Format::Jsonl, Format::Csv] {
+            let dir = tempfile::tempdir().unwrap();
+            let d = dir.path();
+            let write = |name: &str, c: Compression| {
+                let mut w = FileWriter::create_with(
+                    d,
+                    name,
+                    Encoding::with(format, c).unwrap(),
+                    vec!["note".into()],
+                    t("2024-04-03T06:00:00Z"),
+                )
+                .unwrap();
+                for _ in 0..50 {
+                    w.write(&sample()).unwrap();
+                }
+                w.commit(extra()).unwrap()
+            };
+            write("plain", Compression::None);
+            let plain = fs::read(d.join(format!("plain.{format}"))).unwrap();
+            for (c, suffix) in [(Compression::Gzip, "gz"), (Compression::Zstd, "zst")] {
+                let name = format!("o{suffix}");
+                let m = write(&name, c);
+                let file = format!("{name}.{format}.{suffix}");
+                assert_eq!(m.data_file, file);
+                assert_eq!(m.compression, c);
+                assert_eq!(m.rows, 50);
+                assert!(verify(d, &name).unwrap());
+                let on_disk = fs::read(d.join(&file)).unwrap();
+                assert!(on_disk.len() < plain.len() / 4, "{file} is not compressed");
+                let mut text = Vec::new();
+                decoder(on_disk.as_slice(), c)
+                    .unwrap()
+                    .read_to_end(&mut text)
+                    .unwrap();
+                assert_eq!(text, plain, "{file}");
+                let mut damaged = on_disk.clone();
+                damaged.truncate(on_disk.len() / 2);
+                fs::write(d.join(&file), &damaged).unwrap();
+                assert!(!verify(d, &name).unwrap(), "{file}");
+            }
+        }
+    }
+
+    /// Encodings: extensions, defaults, and the refused pairs.
+    #[test]
+    fn encodings() {
+        assert_eq!(Encoding::new(Format::Jsonl).extension(), "jsonl");
+        assert_eq!(
+            Encoding::new(Format::Parquet).compression,
+            Compression::Zstd
+        );
+        assert_eq!(Encoding::new(Format::Parquet).extension(), "parquet");
+        let e = Encoding::with(Format::Csv, Compression::Gzip).unwrap();
+        assert_eq!(e.extension(), "csv.gz");
+        let e = Encoding::with(Format::Jsonl, Compression::Zstd).unwrap();
+        assert_eq!(e.extension(), "jsonl.zst");
+        let err = Encoding::with(Format::Csv, Compression::Snappy).unwrap_err();
+        assert!(err.contains("only available for parquet"), "{err}");
+        assert_eq!(
+            Encoding::with(Format::Parquet, Compression::Snappy)
+                .unwrap()
+                .extension(),
+            "parquet"
+        );
+        assert_eq!("zstd".parse::<Compression>(), Ok(Compression::Zstd));
+        assert!("lz4".parse::<Compression>().is_err());
+        assert_eq!("parquet".parse::<Format>().unwrap(), Format::Parquet);
     }
 
     /// A data file in an unwritable place fails on create, naming the path.

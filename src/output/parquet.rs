@@ -1,0 +1,550 @@
+//! The Parquet encoding of observation rows (cargo feature `parquet`).
+//!
+//! Column types (see [`crate::schema`] for the descriptions):
+//! - text columns and **amounts** are `BYTE_ARRAY (STRING)`: amounts stay the
+//!   exact decimal strings of the JSONL/CSV output, because no fixed DECIMAL
+//!   precision holds every amount a chain may report (18-decimal tokens above
+//!   10^20 whole units, 24-decimal tokens), and readers disagree on DECIMAL wider
+//!   than 38 digits; loaders cast them (`CAST(amount AS DECIMAL(38, 18))`,
+//!   BigQuery `BIGNUMERIC`);
+//! - `settled` is `BOOLEAN`, `polls` is `INT64`;
+//! - times are `INT64 TIMESTAMP(MICROS, isAdjustedToUTC = true)`;
+//! - the input row is a group `input` with one optional `STRING` field per input
+//!   column (read back as a struct: `input.note`); absent for queue input.
+//!
+//! Rows are buffered up to [`ROW_GROUP_ROWS`] (or [`ROW_GROUP_BYTES`] of text)
+//! and written as one row group, so memory stays flat however large the file.
+//! The footer is written by `finish`; until then the file lives under its
+//! temporary name, so a killed writer never leaves a readable-looking file.
+
+use std::fs::File;
+use std::io;
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use parquet::basic::{LogicalType, Repetition, TimeUnit, Type as PhysicalType};
+use parquet::column::writer::ColumnWriter;
+use parquet::data_type::ByteArray;
+use parquet::file::metadata::KeyValue;
+use parquet::file::properties::WriterProperties;
+use parquet::file::writer::SerializedFileWriter;
+use parquet::schema::types::{Type, TypePtr};
+
+use crate::model::{Amount, Observation};
+
+use super::Compression;
+use super::atomic::HashingWriter;
+
+/// Rows per row group at most.
+pub const ROW_GROUP_ROWS: usize = 32 * 1024;
+/// Buffered text bytes that close a row group early (large input columns).
+pub const ROW_GROUP_BYTES: usize = 16 * 1024 * 1024;
+
+/// One output column, in file order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// Required string.
+    Str,
+    /// Optional string.
+    OptStr,
+    Bool,
+    Int64,
+    /// Optional UTC timestamp in microseconds.
+    OptTime,
+    /// Required UTC timestamp in microseconds.
+    Time,
+}
+
+/// The fixed columns: names as in [`crate::model::OUTPUT_COLUMNS`].
+const COLUMNS: [(&str, Kind); 24] = [
+    ("provider", Kind::Str),
+    ("order_no", Kind::Str),
+    ("status", Kind::Str),
+    ("provider_status", Kind::Str),
+    ("settled", Kind::Bool),
+    ("tracking", Kind::Str),
+    ("amount", Kind::OptStr),
+    ("currency", Kind::OptStr),
+    ("quote_amount", Kind::OptStr),
+    ("quote_currency", Kind::OptStr),
+    ("expected_amount", Kind::OptStr),
+    ("payment_no", Kind::OptStr),
+    ("payment_method", Kind::OptStr),
+    ("tx_hash", Kind::OptStr),
+    ("from_address", Kind::OptStr),
+    ("to_address", Kind::OptStr),
+    ("chain_id", Kind::OptStr),
+    ("paid_account", Kind::OptStr),
+    ("created_at", Kind::OptTime),
+    ("paid_at", Kind::OptTime),
+    ("observed_at", Kind::Time),
+    ("first_seen_at", Kind::Time),
+    ("polls", Kind::Int64),
+    ("error", Kind::OptStr),
+];
+
+fn pq_err(e: parquet::errors::ParquetError) -> io::Error {
+    match e {
+        parquet::errors::ParquetError::External(inner) => match inner.downcast::<io::Error>() {
+            Ok(io) => *io,
+            Err(other) => io::Error::other(other),
+        },
+        other => io::Error::other(other),
+    }
+}
+
+/// The file's Parquet schema: the fixed columns, then a group `input` with the
+/// given input columns (omitted when there are none).
+fn schema(input_columns: &[String]) -> Result<TypePtr, parquet::errors::ParquetError> {
+    let mut fields: Vec<TypePtr> = Vec::with_capacity(COLUMNS.len() + 1);
+    for (name, kind) in COLUMNS {
+        let (physical, logical, repetition) = match kind {
+            Kind::Str => (
+                PhysicalType::BYTE_ARRAY,
+                Some(LogicalType::String),
+                Repetition::REQUIRED,
+            ),
+            Kind::OptStr => (
+                PhysicalType::BYTE_ARRAY,
+                Some(LogicalType::String),
+                Repetition::OPTIONAL,
+            ),
+            Kind::Bool => (PhysicalType::BOOLEAN, None, Repetition::REQUIRED),
+            Kind::Int64 => (
+                PhysicalType::INT64,
+                Some(LogicalType::integer(64, true)),
+                Repetition::REQUIRED,
+            ),
+            Kind::OptTime | Kind::Time => (
+                PhysicalType::INT64,
+                Some(LogicalType::timestamp(true, TimeUnit::MICROS)),
+                if kind == Kind::Time {
+                    Repetition::REQUIRED
+                } else {
+                    Repetition::OPTIONAL
+                },
+            ),
+        };
+        fields.push(Arc::new(
+            Type::primitive_type_builder(name, physical)
+                .with_logical_type(logical)
+                .with_repetition(repetition)
+                .build()?,
+        ));
+    }
+    if !input_columns.is_empty() {
+        let inputs = input_columns
+            .iter()
+            .map(|c| {
+                Type::primitive_type_builder(c, PhysicalType::BYTE_ARRAY)
+                    .with_logical_type(Some(LogicalType::String))
+                    .with_repetition(Repetition::OPTIONAL)
+                    .build()
+                    .map(Arc::new)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        fields.push(Arc::new(
+            Type::group_type_builder("input")
+                .with_repetition(Repetition::REQUIRED)
+                .with_fields(inputs)
+                .build()?,
+        ));
+    }
+    Ok(Arc::new(
+        Type::group_type_builder("paysync_observation")
+            .with_fields(fields)
+            .build()?,
+    ))
+}
+
+fn codec(c: Compression) -> io::Result<parquet::basic::Compression> {
+    use parquet::basic::{Compression as C, GzipLevel, ZstdLevel};
+    Ok(match c {
+        Compression::None => C::UNCOMPRESSED,
+        Compression::Snappy => C::SNAPPY,
+        Compression::Gzip => C::GZIP(GzipLevel::default()),
+        Compression::Zstd => C::ZSTD(ZstdLevel::try_new(3).map_err(pq_err)?),
+    })
+}
+
+fn micros(t: DateTime<Utc>) -> i64 {
+    t.timestamp_micros()
+}
+
+/// Encodes rows into a Parquet file through the hashing file writer.
+pub(super) struct ParquetSink {
+    writer: SerializedFileWriter<HashingWriter<File>>,
+    input_columns: Vec<String>,
+    /// The current row group's rows.
+    rows: Vec<Observation>,
+    /// Text bytes buffered in `rows` (approximate).
+    buffered: usize,
+}
+
+impl ParquetSink {
+    pub(super) fn new(
+        inner: HashingWriter<File>,
+        input_columns: Vec<String>,
+        compression: Compression,
+    ) -> io::Result<Self> {
+        let props = WriterProperties::builder()
+            .set_compression(codec(compression)?)
+            .set_created_by(format!("paysync {}", env!("CARGO_PKG_VERSION")))
+            .set_key_value_metadata(Some(vec![KeyValue::new(
+                "paysync.schema_version".to_owned(),
+                crate::model::SCHEMA_VERSION.to_string(),
+            )]))
+            .set_max_row_group_row_count(Some(ROW_GROUP_ROWS))
+            .build();
+        let writer = SerializedFileWriter::new(
+            inner,
+            schema(&input_columns).map_err(pq_err)?,
+            Arc::new(props),
+        )
+        .map_err(pq_err)?;
+        Ok(Self {
+            writer,
+            input_columns,
+            rows: Vec::with_capacity(1024),
+            buffered: 0,
+        })
+    }
+
+    pub(super) fn write(&mut self, row: &Observation) -> io::Result<()> {
+        self.buffered += row.order_no.len()
+            + row.error.as_ref().map_or(0, String::len)
+            + row
+                .input
+                .iter()
+                .map(|(k, v)| k.len() + v.len())
+                .sum::<usize>()
+            + 256;
+        self.rows.push(row.clone());
+        if self.rows.len() >= ROW_GROUP_ROWS || self.buffered >= ROW_GROUP_BYTES {
+            self.flush_group()?;
+        }
+        Ok(())
+    }
+
+    /// Writes the buffered rows as one row group.
+    fn flush_group(&mut self) -> io::Result<()> {
+        if self.rows.is_empty() {
+            return Ok(());
+        }
+        let rows = std::mem::take(&mut self.rows);
+        let mut group = self.writer.next_row_group().map_err(pq_err)?;
+        for (i, (name, kind)) in COLUMNS.iter().enumerate() {
+            let mut col = group
+                .next_column()
+                .map_err(pq_err)?
+                .ok_or_else(|| io::Error::other(format!("parquet schema lacks column {name}")))?;
+            write_fixed(col.untyped(), i, *kind, &rows)?;
+            col.close().map_err(pq_err)?;
+        }
+        for slot in 0..self.input_columns.len() {
+            let mut col = group
+                .next_column()
+                .map_err(pq_err)?
+                .ok_or_else(|| io::Error::other("parquet schema lacks an input column"))?;
+            let name = &self.input_columns[slot];
+            let values = rows.iter().map(|r| {
+                r.input
+                    .iter()
+                    .find(|(k, _)| k == name)
+                    .map(|(_, v)| v.as_str())
+            });
+            write_opt_strings(col.untyped(), values)?;
+            col.close().map_err(pq_err)?;
+        }
+        group.close().map_err(pq_err)?;
+        self.buffered = 0;
+        self.rows = rows;
+        self.rows.clear();
+        Ok(())
+    }
+
+    /// Writes the last row group and the footer; returns the hashing writer.
+    pub(super) fn finish(mut self) -> io::Result<HashingWriter<File>> {
+        self.flush_group()?;
+        self.writer.into_inner().map_err(pq_err)
+    }
+}
+
+/// The string value of fixed column `i` of `row` (`None`: null).
+fn text(row: &Observation, i: usize) -> Option<&str> {
+    match i {
+        0 => Some(&row.provider),
+        1 => Some(row.order_no.as_str()),
+        2 => Some(row.status.as_str()),
+        3 => Some(&row.provider_status),
+        5 => Some(row.tracking.as_str()),
+        6 => row.amount.as_ref().map(Amount::as_str),
+        7 => row.currency.as_deref(),
+        8 => row.quote_amount.as_ref().map(Amount::as_str),
+        9 => row.quote_currency.as_deref(),
+        10 => row.expected_amount.as_ref().map(Amount::as_str),
+        11 => row.payment_no.as_deref(),
+        12 => row.payment_method.as_deref(),
+        13 => row.tx_hash.as_deref(),
+        14 => row.from_address.as_deref(),
+        15 => row.to_address.as_deref(),
+        16 => row.chain_id.as_deref(),
+        17 => row.paid_account.as_deref(),
+        23 => row.error.as_deref(),
+        _ => None,
+    }
+}
+
+fn time(row: &Observation, i: usize) -> Option<i64> {
+    match i {
+        18 => row.created_at.map(micros),
+        19 => row.paid_at.map(micros),
+        20 => Some(micros(row.observed_at)),
+        21 => Some(micros(row.first_seen_at)),
+        _ => None,
+    }
+}
+
+fn write_fixed(
+    col: &mut ColumnWriter<'_>,
+    i: usize,
+    kind: Kind,
+    rows: &[Observation],
+) -> io::Result<()> {
+    match (kind, col) {
+        (Kind::Str, ColumnWriter::ByteArrayColumnWriter(w)) => {
+            let values: Vec<ByteArray> = rows
+                .iter()
+                .map(|r| ByteArray::from(text(r, i).unwrap_or_default()))
+                .collect();
+            w.write_batch(&values, None, None).map_err(pq_err)?;
+        }
+        (Kind::OptStr, col) => {
+            write_opt_strings(col, rows.iter().map(|r| text(r, i)))?;
+        }
+        (Kind::Bool, ColumnWriter::BoolColumnWriter(w)) => {
+            let values: Vec<bool> = rows.iter().map(|r| r.settled).collect();
+            w.write_batch(&values, None, None).map_err(pq_err)?;
+        }
+        (Kind::Int64, ColumnWriter::Int64ColumnWriter(w)) => {
+            let values: Vec<i64> = rows
+                .iter()
+                .map(|r| i64::from(r.polls))
+                .collect();
+            w.write_batch(&values, None, None).map_err(pq_err)?;
+        }
+        (Kind::Time, ColumnWriter::Int64ColumnWriter(w)) => {
+            let values: Vec<i64> = rows.iter().filter_map(|r| time(r, i)).collect();
+            w.write_batch(&values, None, None).map_err(pq_err)?;
+        }
+        (Kind::OptTime, ColumnWriter::Int64ColumnWriter(w)) => {
+            let mut values = Vec::with_capacity(rows.len());
+            let mut defs = Vec::with_capacity(rows.len());
+            for r in rows {
+                match time(r, i) {
+                    Some(v) => {
+                        values.push(v);
+                        defs.push(1);
+                    }
+                    None => defs.push(0),
+                }
+            }
+            w.write_batch(&values, Some(&defs), None).map_err(pq_err)?;
+        }
+        _ => {
+            return Err(io::Error::other(format!(
+                "parquet column {} has an unexpected physical type",
+                COLUMNS[i].0
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn write_opt_strings<'a>(
+    col: &mut ColumnWriter<'_>,
+    values: impl Iterator<Item = Option<&'a str>>,
+) -> io::Result<()> {
+    let ColumnWriter::ByteArrayColumnWriter(w) = col else {
+        return Err(io::Error::other("parquet string column has another type"));
+    };
+    let mut present = Vec::new();
+    let mut defs = Vec::new();
+    for v in values {
+        match v {
+            Some(s) => {
+                present.push(ByteArray::from(s));
+                defs.push(1);
+            }
+            None => defs.push(0),
+        }
+    }
+    w.write_batch(&present, Some(&defs), None).map_err(pq_err)?;
+    Ok(())
+}
+
+/// Rows in a Parquet file, from its footer (`verify`).
+pub(super) fn count_rows(file: File) -> io::Result<u64> {
+    use parquet::file::reader::{FileReader, SerializedFileReader};
+    let reader = SerializedFileReader::new(file).map_err(pq_err)?;
+    u64::try_from(reader.metadata().file_metadata().num_rows())
+        .map_err(|_| io::Error::other("negative row count in parquet footer"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::{minimal, sample, t};
+    use super::super::{Encoding, FileWriter, Format, ManifestExtra, verify};
+    use super::*;
+    use crate::model::PayStatus;
+    use parquet::file::reader::{FileReader, SerializedFileReader};
+    use parquet::record::Field;
+
+    fn write(dir: &std::path::Path, rows: &[Observation], cols: &[&str], c: Compression) {
+        let mut w = FileWriter::create_with(
+            dir,
+            "o",
+            Encoding::with(Format::Parquet, c).unwrap(),
+            cols.iter().map(|s| (*s).to_owned()).collect(),
+            Utc::now(),
+        )
+        .unwrap();
+        for r in rows {
+            w.write(r).unwrap();
+        }
+        let m = w
+            .commit(ManifestExtra {
+                run_id: "r".into(),
+                provider: "p".into(),
+            })
+            .unwrap();
+        assert_eq!(m.rows, rows.len() as u64);
+        assert_eq!(m.format, "parquet");
+        assert_eq!(m.compression, c);
+        assert!(verify(dir, "o").unwrap());
+    }
+
+    /// The parquet crate's reader gets every value back with its type: exact
+    /// amount strings, UTC microsecond timestamps, nulls for absent values, the
+    /// input group by column name (a row lacking a column reads null).
+    #[test]
+    fn values_read_back_typed() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut no_note = minimal("A2", PayStatus::Pending);
+        no_note.input = vec![("formula".into(), "x".into())];
+        let rows = [sample(), no_note];
+        write(dir.path(), &rows, &["note", "formula"], Compression::Zstd);
+        let file = std::fs::File::open(dir.path().join("o.parquet")).unwrap();
+        let reader = SerializedFileReader::new(file).unwrap();
+        let read: Vec<_> = reader
+            .get_row_iter(None)
+            .unwrap()
+            .map(|r| r.unwrap())
+            .collect();
+        assert_eq!(read.len(), 2);
+        let get = |i: usize, name: &str| -> Field {
+            read[i]
+                .get_column_iter()
+                .find(|(n, _)| n.as_str() == name)
+                .map(|(_, f)| f.clone())
+                .unwrap_or_else(|| panic!("no column {name}"))
+        };
+        assert_eq!(get(0, "amount"), Field::Str("1.234567890123456789".into()));
+        assert_eq!(get(0, "quote_amount"), Field::Str("-7.9".into()));
+        assert_eq!(get(0, "settled"), Field::Bool(true));
+        assert_eq!(get(0, "polls"), Field::Long(2));
+        assert_eq!(
+            get(0, "created_at"),
+            Field::TimestampMicros(t("2024-04-03T05:40:06.120Z").timestamp_micros())
+        );
+        assert_eq!(
+            get(0, "observed_at"),
+            Field::TimestampMicros(t("2024-04-03T06:00:00.5Z").timestamp_micros())
+        );
+        assert_eq!(get(0, "error"), Field::Str("=cmd|' /C calc'!A0".into()));
+        assert_eq!(get(1, "amount"), Field::Null);
+        assert_eq!(get(1, "paid_at"), Field::Null);
+        let Field::Group(input) = get(0, "input") else {
+            panic!("input is not a group")
+        };
+        let input: Vec<_> = input
+            .get_column_iter()
+            .map(|(n, f)| (n.clone(), f.clone()))
+            .collect();
+        assert_eq!(
+            input,
+            vec![
+                ("note".into(), Field::Str("line1\nline2, \"quoted\"".into())),
+                ("formula".into(), Field::Str("@SUM(A1)".into())),
+            ]
+        );
+        let Field::Group(input) = get(1, "input") else {
+            panic!("input is not a group")
+        };
+        assert_eq!(input.get_column_iter().next().unwrap().1, &Field::Null);
+        let kv = reader
+            .metadata()
+            .file_metadata()
+            .key_value_metadata()
+            .unwrap();
+        assert!(kv.iter().any(|k| k.key == "paysync.schema_version"));
+    }
+
+    /// Large files are split into row groups of at most ROW_GROUP_ROWS rows
+    /// (memory stays bounded), every codec reads back, and no input columns
+    /// means no input group.
+    #[test]
+    fn row_groups_and_codecs() {
+        for c in [
+            Compression::Zstd,
+            Compression::Snappy,
+            Compression::Gzip,
+            Compression::None,
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            let n = if c == Compression::Zstd {
+                ROW_GROUP_ROWS * 2 + 7
+            } else {
+                10
+            };
+            let rows: Vec<_> = (0..n)
+                .map(|i| minimal(&format!("O{i}"), PayStatus::Paid))
+                .collect();
+            write(dir.path(), &rows, &[], c);
+            let file = std::fs::File::open(dir.path().join("o.parquet")).unwrap();
+            let reader = SerializedFileReader::new(file).unwrap();
+            let md = reader.metadata();
+            assert_eq!(md.file_metadata().num_rows(), n as i64);
+            assert!(
+                md.row_groups()
+                    .iter()
+                    .all(|g| g.num_rows() as usize <= ROW_GROUP_ROWS)
+            );
+            if c == Compression::Zstd {
+                assert_eq!(md.num_row_groups(), 3);
+            }
+            let schema = md.file_metadata().schema_descr();
+            assert_eq!(schema.num_columns(), COLUMNS.len(), "{c}");
+            let last: Vec<_> = reader
+                .get_row_iter(None)
+                .unwrap()
+                .map(|r| r.unwrap())
+                .collect();
+            assert_eq!(
+                last[n - 1].get_column_iter().nth(1).unwrap().1,
+                &Field::Str(format!("O{}", n - 1))
+            );
+        }
+    }
+
+    /// A truncated file (no footer) does not verify.
+    #[test]
+    fn truncated_file_fails_verify() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), &[sample()], &["note"], Compression::Zstd);
+        let path = dir.path().join("o.parquet");
+        let bytes = std::fs::read(&path).unwrap();
+        std::fs::write(&path, &bytes[..bytes.len() - 10]).unwrap();
+        assert!(!verify(dir.path(), "o").unwrap());
+    }
+}
