@@ -55,6 +55,32 @@ fn defaults_and_relative_paths() {
     }
 }
 
+/// Output keys: format, compression (default per format) and path template.
+#[test]
+fn output_encoding_and_layout() {
+    let s = load(MINIMAL).unwrap();
+    assert_eq!(s.output.encoding().unwrap().extension(), "jsonl");
+    assert_eq!(s.output.path_template, PathTemplate::default());
+    let s = load(&format!(
+        "{MINIMAL}[output]\nformat = \"parquet\"\npath_template = \"{{provider}}/dt={{date}}/p-{{run_id}}.{{format}}\"\n"
+    ))
+    .unwrap();
+    let e = s.output.encoding().unwrap();
+    assert_eq!(
+        (e.format, e.compression),
+        (Format::Parquet, Compression::Zstd)
+    );
+    assert_eq!(
+        s.output.path_template.to_string(),
+        "{provider}/dt={date}/p-{run_id}.{format}"
+    );
+    let s = load(&format!(
+        "{MINIMAL}[output]\nformat = \"csv\"\ncompression = \"gzip\"\n"
+    ))
+    .unwrap();
+    assert_eq!(s.output.encoding().unwrap().extension(), "csv.gz");
+}
+
 /// Each kind of mistake is reported with the file and the key.
 #[test]
 fn errors_name_file_and_key() {
@@ -72,6 +98,23 @@ fn errors_name_file_and_key() {
             "settle.unsettled",
         ),
         ("[output]\nformat = \"xml\"\n", "output.format"),
+        ("[output]\ncompression = \"lz4\"\n", "output.compression"),
+        (
+            "[output]\nformat = \"csv\"\ncompression = \"snappy\"\n",
+            "output.compression",
+        ),
+        (
+            "[output]\npath_template = \"out.{format}\"\n",
+            "output.path_template",
+        ),
+        (
+            "[output]\npath_template = \"../{run_id}.{format}\"\n",
+            "output.path_template",
+        ),
+        (
+            "[output]\npath_template = \"{hour}/{run_id}.{format}\"\n",
+            "output.path_template",
+        ),
         ("[schedule]\nexport = \"0 2 * * *\"\n", "schedule.export"),
         (
             "[schedule]\ningest = \"0 */5 * * * Funday\"\n",

@@ -327,10 +327,7 @@ fn write_fixed(
             w.write_batch(&values, None, None).map_err(pq_err)?;
         }
         (Kind::Int64, ColumnWriter::Int64ColumnWriter(w)) => {
-            let values: Vec<i64> = rows
-                .iter()
-                .map(|r| i64::from(r.polls))
-                .collect();
+            let values: Vec<i64> = rows.iter().map(|r| i64::from(r.polls)).collect();
             w.write_batch(&values, None, None).map_err(pq_err)?;
         }
         (Kind::Time, ColumnWriter::Int64ColumnWriter(w)) => {

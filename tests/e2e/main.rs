@@ -6,3 +6,4 @@ mod daemon;
 mod genauth;
 mod settle;
 mod util;
+mod warehouse;

@@ -167,7 +167,11 @@ fn assert_consistent(ws: &Workspace, orders: &[String]) {
     }
     let files = ws.out_files();
     for f in &files {
-        if f.starts_with('.') || f.ends_with(".manifest.json") || f.starts_with("rejects-") {
+        if f.starts_with('.')
+            || f.starts_with('_')
+            || f.ends_with(".manifest.json")
+            || f.starts_with("rejects-")
+        {
             continue;
         }
         let stem = f.rsplit_once('.').unwrap().0;
