@@ -12,15 +12,18 @@
 //! - the input row is a group `input` with one optional `STRING` field per input
 //!   column (read back as a struct: `input.note`); absent for queue input.
 //!
-//! Rows are buffered up to [`ROW_GROUP_ROWS`] (or [`ROW_GROUP_BYTES`] of text)
-//! and written as one row group, so memory stays flat however large the file.
+//! Rows are buffered column by column (string bytes back to back, no per-value
+//! allocation) up to [`ROW_GROUP_ROWS`] rows or [`ROW_GROUP_BYTES`] of text and
+//! written as one row group, so memory stays flat however large the file.
 //! The footer is written by `finish`; until then the file lives under its
 //! temporary name, so a killed writer never leaves a readable-looking file.
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::io;
 use std::sync::Arc;
 
+use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use parquet::basic::{LogicalType, Repetition, TimeUnit, Type as PhysicalType};
 use parquet::column::writer::ColumnWriter;
@@ -37,8 +40,8 @@ use super::atomic::HashingWriter;
 
 /// Rows per row group at most.
 pub const ROW_GROUP_ROWS: usize = 32 * 1024;
-/// Buffered text bytes that close a row group early (large input columns).
-pub const ROW_GROUP_BYTES: usize = 16 * 1024 * 1024;
+/// Buffered string bytes that close a row group early (large input columns).
+pub const ROW_GROUP_BYTES: usize = 8 * 1024 * 1024;
 
 /// One output column, in file order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -171,14 +174,82 @@ fn micros(t: DateTime<Utc>) -> i64 {
     t.timestamp_micros()
 }
 
+/// One column's values for the current row group, stored compactly: string
+/// bytes back to back in one buffer (sliced without copying at flush), numbers
+/// in plain vectors, definition levels only where the column is optional.
+#[derive(Debug, Default)]
+struct ColumnBuf {
+    /// String bytes of the present values, back to back.
+    data: Vec<u8>,
+    /// End offset in `data` of each present string value.
+    ends: Vec<usize>,
+    /// INT64 values (polls, times) or booleans as 0/1.
+    numbers: Vec<i64>,
+    /// Definition levels (1 present, 0 null), for optional columns.
+    defs: Vec<i16>,
+}
+
+impl ColumnBuf {
+    fn push_str(&mut self, v: Option<&str>, optional: bool) {
+        if let Some(s) = v {
+            self.data.extend_from_slice(s.as_bytes());
+            self.ends.push(self.data.len());
+        }
+        if optional {
+            self.defs.push(i16::from(v.is_some()));
+        }
+    }
+
+    fn push_number(&mut self, v: Option<i64>, optional: bool) {
+        if let Some(n) = v {
+            self.numbers.push(n);
+        }
+        if optional {
+            self.defs.push(i16::from(v.is_some()));
+        }
+    }
+
+    /// The buffered strings as parquet values sharing one allocation.
+    fn take_strings(&mut self) -> Vec<ByteArray> {
+        let buf = Bytes::from(std::mem::take(&mut self.data));
+        let mut start = 0;
+        let values = self
+            .ends
+            .iter()
+            .map(|&end| {
+                let v = ByteArray::from(buf.slice(start..end));
+                start = end;
+                v
+            })
+            .collect();
+        self.ends.clear();
+        values
+    }
+
+    fn defs(&self, optional: bool) -> Option<&[i16]> {
+        optional.then_some(self.defs.as_slice())
+    }
+
+    fn clear(&mut self) {
+        self.data.clear();
+        self.ends.clear();
+        self.numbers.clear();
+        self.defs.clear();
+    }
+}
+
 /// Encodes rows into a Parquet file through the hashing file writer.
 pub(super) struct ParquetSink {
     writer: SerializedFileWriter<HashingWriter<File>>,
+    /// The file's input columns, and each one's position.
     input_columns: Vec<String>,
-    /// The current row group's rows.
-    rows: Vec<Observation>,
-    /// Text bytes buffered in `rows` (approximate).
-    buffered: usize,
+    index: HashMap<String, usize>,
+    /// One buffer per fixed column, then one per input column.
+    columns: Vec<ColumnBuf>,
+    /// Per input column: the index into the current row's `input`, or `usize::MAX`.
+    slots: Vec<usize>,
+    /// Rows in the current row group.
+    rows: usize,
 }
 
 impl ParquetSink {
@@ -202,64 +273,94 @@ impl ParquetSink {
             Arc::new(props),
         )
         .map_err(pq_err)?;
+        let index = input_columns
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (c.clone(), i))
+            .collect();
+        let mut columns = Vec::new();
+        columns.resize_with(COLUMNS.len() + input_columns.len(), ColumnBuf::default);
         Ok(Self {
             writer,
+            slots: vec![usize::MAX; input_columns.len()],
             input_columns,
-            rows: Vec::with_capacity(1024),
-            buffered: 0,
+            index,
+            columns,
+            rows: 0,
         })
     }
 
     pub(super) fn write(&mut self, row: &Observation) -> io::Result<()> {
-        self.buffered += row.order_no.len()
-            + row.error.as_ref().map_or(0, String::len)
-            + row
-                .input
-                .iter()
-                .map(|(k, v)| k.len() + v.len())
-                .sum::<usize>()
-            + 256;
-        self.rows.push(row.clone());
-        if self.rows.len() >= ROW_GROUP_ROWS || self.buffered >= ROW_GROUP_BYTES {
+        for (i, (_, kind)) in COLUMNS.iter().enumerate() {
+            let col = &mut self.columns[i];
+            match kind {
+                Kind::Str => col.push_str(text(row, i), false),
+                Kind::OptStr => col.push_str(text(row, i), true),
+                Kind::Bool => col.push_number(Some(i64::from(row.settled)), false),
+                Kind::Int64 => col.push_number(Some(i64::from(row.polls)), false),
+                Kind::Time => col.push_number(time(row, i), false),
+                Kind::OptTime => col.push_number(time(row, i), true),
+            }
+        }
+        self.buffer_inputs(&row.input);
+        self.rows += 1;
+        let buffered: usize = self.columns.iter().map(|c| c.data.len()).sum();
+        if self.rows >= ROW_GROUP_ROWS || buffered >= ROW_GROUP_BYTES {
             self.flush_group()?;
         }
         Ok(())
     }
 
+    /// Buffers the row's input values under this file's input columns: in order
+    /// when the row has exactly these columns (the usual case), else by name.
+    fn buffer_inputs(&mut self, input: &[(String, String)]) {
+        let first = COLUMNS.len();
+        let same_order = input.len() == self.input_columns.len()
+            && input
+                .iter()
+                .zip(&self.input_columns)
+                .all(|((name, _), col)| name == col);
+        if same_order {
+            for (j, (_, value)) in input.iter().enumerate() {
+                self.columns[first + j].push_str(Some(value), true);
+            }
+            return;
+        }
+        self.slots.fill(usize::MAX);
+        for (i, (name, _)) in input.iter().enumerate() {
+            if let Some(&slot) = self.index.get(name.as_str())
+                && self.slots[slot] == usize::MAX
+            {
+                self.slots[slot] = i;
+            }
+        }
+        for (j, &i) in self.slots.iter().enumerate() {
+            let value = input.get(i).map(|(_, v)| v.as_str());
+            self.columns[first + j].push_str(value, true);
+        }
+    }
+
     /// Writes the buffered rows as one row group.
     fn flush_group(&mut self) -> io::Result<()> {
-        if self.rows.is_empty() {
+        if self.rows == 0 {
             return Ok(());
         }
-        let rows = std::mem::take(&mut self.rows);
         let mut group = self.writer.next_row_group().map_err(pq_err)?;
-        for (i, (name, kind)) in COLUMNS.iter().enumerate() {
+        let kinds = COLUMNS
+            .iter()
+            .map(|(_, k)| *k)
+            .chain(std::iter::repeat(Kind::OptStr));
+        for (buf, kind) in self.columns.iter_mut().zip(kinds) {
             let mut col = group
                 .next_column()
                 .map_err(pq_err)?
-                .ok_or_else(|| io::Error::other(format!("parquet schema lacks column {name}")))?;
-            write_fixed(col.untyped(), i, *kind, &rows)?;
+                .ok_or_else(|| io::Error::other("parquet schema has fewer columns than rows"))?;
+            write_column(col.untyped(), kind, buf)?;
             col.close().map_err(pq_err)?;
-        }
-        for slot in 0..self.input_columns.len() {
-            let mut col = group
-                .next_column()
-                .map_err(pq_err)?
-                .ok_or_else(|| io::Error::other("parquet schema lacks an input column"))?;
-            let name = &self.input_columns[slot];
-            let values = rows.iter().map(|r| {
-                r.input
-                    .iter()
-                    .find(|(k, _)| k == name)
-                    .map(|(_, v)| v.as_str())
-            });
-            write_opt_strings(col.untyped(), values)?;
-            col.close().map_err(pq_err)?;
+            buf.clear();
         }
         group.close().map_err(pq_err)?;
-        self.buffered = 0;
-        self.rows = rows;
-        self.rows.clear();
+        self.rows = 0;
         Ok(())
     }
 
@@ -295,6 +396,7 @@ fn text(row: &Observation, i: usize) -> Option<&str> {
     }
 }
 
+/// The time of fixed column `i` of `row`, in microseconds since the epoch.
 fn time(row: &Observation, i: usize) -> Option<i64> {
     match i {
         18 => row.created_at.map(micros),
@@ -305,78 +407,28 @@ fn time(row: &Observation, i: usize) -> Option<i64> {
     }
 }
 
-fn write_fixed(
-    col: &mut ColumnWriter<'_>,
-    i: usize,
-    kind: Kind,
-    rows: &[Observation],
-) -> io::Result<()> {
+fn write_column(col: &mut ColumnWriter<'_>, kind: Kind, buf: &mut ColumnBuf) -> io::Result<()> {
+    let optional = matches!(kind, Kind::OptStr | Kind::OptTime);
     match (kind, col) {
-        (Kind::Str, ColumnWriter::ByteArrayColumnWriter(w)) => {
-            let values: Vec<ByteArray> = rows
-                .iter()
-                .map(|r| ByteArray::from(text(r, i).unwrap_or_default()))
-                .collect();
-            w.write_batch(&values, None, None).map_err(pq_err)?;
-        }
-        (Kind::OptStr, col) => {
-            write_opt_strings(col, rows.iter().map(|r| text(r, i)))?;
+        (Kind::Str | Kind::OptStr, ColumnWriter::ByteArrayColumnWriter(w)) => {
+            let values = buf.take_strings();
+            w.write_batch(&values, buf.defs(optional), None)
+                .map_err(pq_err)?;
         }
         (Kind::Bool, ColumnWriter::BoolColumnWriter(w)) => {
-            let values: Vec<bool> = rows.iter().map(|r| r.settled).collect();
+            let values: Vec<bool> = buf.numbers.iter().map(|&n| n != 0).collect();
             w.write_batch(&values, None, None).map_err(pq_err)?;
         }
-        (Kind::Int64, ColumnWriter::Int64ColumnWriter(w)) => {
-            let values: Vec<i64> = rows.iter().map(|r| i64::from(r.polls)).collect();
-            w.write_batch(&values, None, None).map_err(pq_err)?;
+        (Kind::Int64 | Kind::Time | Kind::OptTime, ColumnWriter::Int64ColumnWriter(w)) => {
+            w.write_batch(&buf.numbers, buf.defs(optional), None)
+                .map_err(pq_err)?;
         }
-        (Kind::Time, ColumnWriter::Int64ColumnWriter(w)) => {
-            let values: Vec<i64> = rows.iter().filter_map(|r| time(r, i)).collect();
-            w.write_batch(&values, None, None).map_err(pq_err)?;
-        }
-        (Kind::OptTime, ColumnWriter::Int64ColumnWriter(w)) => {
-            let mut values = Vec::with_capacity(rows.len());
-            let mut defs = Vec::with_capacity(rows.len());
-            for r in rows {
-                match time(r, i) {
-                    Some(v) => {
-                        values.push(v);
-                        defs.push(1);
-                    }
-                    None => defs.push(0),
-                }
-            }
-            w.write_batch(&values, Some(&defs), None).map_err(pq_err)?;
-        }
-        _ => {
+        (kind, _) => {
             return Err(io::Error::other(format!(
-                "parquet column {} has an unexpected physical type",
-                COLUMNS[i].0
+                "parquet column of kind {kind:?} has an unexpected physical type"
             )));
         }
     }
-    Ok(())
-}
-
-fn write_opt_strings<'a>(
-    col: &mut ColumnWriter<'_>,
-    values: impl Iterator<Item = Option<&'a str>>,
-) -> io::Result<()> {
-    let ColumnWriter::ByteArrayColumnWriter(w) = col else {
-        return Err(io::Error::other("parquet string column has another type"));
-    };
-    let mut present = Vec::new();
-    let mut defs = Vec::new();
-    for v in values {
-        match v {
-            Some(s) => {
-                present.push(ByteArray::from(s));
-                defs.push(1);
-            }
-            None => defs.push(0),
-        }
-    }
-    w.write_batch(&present, Some(&defs), None).map_err(pq_err)?;
     Ok(())
 }
 
@@ -532,6 +584,28 @@ mod tests {
                 &Field::Str(format!("O{}", n - 1))
             );
         }
+    }
+
+    /// Large text closes a row group early: buffered bytes stay bounded even
+    /// when the row count limit is far away.
+    #[test]
+    fn large_values_close_row_groups_early() {
+        let dir = tempfile::tempdir().unwrap();
+        let big = "x".repeat(10 * 1024);
+        let rows: Vec<_> = (0..1200)
+            .map(|i| {
+                let mut r = minimal(&format!("O{i}"), PayStatus::Paid);
+                r.input = vec![("blob".into(), big.clone())];
+                r
+            })
+            .collect();
+        write(dir.path(), &rows, &["blob"], Compression::Zstd);
+        let file = std::fs::File::open(dir.path().join("o.parquet")).unwrap();
+        let reader = SerializedFileReader::new(file).unwrap();
+        let groups = reader.metadata().num_row_groups();
+        assert!(groups >= 2, "{groups} row groups");
+        let n = reader.get_row_iter(None).unwrap().count();
+        assert_eq!(n, 1200);
     }
 
     /// A truncated file (no footer) does not verify.
