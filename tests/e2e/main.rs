@@ -4,5 +4,6 @@
 mod core;
 mod daemon;
 mod genauth;
+mod hardening;
 mod settle;
 mod util;
