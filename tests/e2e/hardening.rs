@@ -292,3 +292,294 @@ async fn payprotocol_clock_skew_is_tolerated_then_reported_clearly() {
     assert!(c.total_requests <= 2, "{c:?}");
     assert_eq!(c.payprotocol_detail_requests, 0, "{c:?}");
 }
+
+// ---------------------------------------------------------------------------
+// 2. Bad input and config
+// ---------------------------------------------------------------------------
+
+/// Order numbers with characters that mean something in a URL (`../`, `&`, `=`,
+/// `?`, `#`, `%`, `+`, `/`, `;`, quotes, `<>`, non-ASCII): the server receives
+/// exactly these numbers (it decodes the query and counts one poll each), the
+/// PayProtocol signature over the encoded target verifies (no 401), and the rows
+/// carry the numbers unchanged. Both providers, CSV and queue input.
+#[tokio::test(flavor = "multi_thread")]
+async fn url_special_order_numbers_are_encoded_and_signed() {
+    let orders: Vec<String> = [
+        "T-PAID-../../etc/passwd",
+        "T-PAID-a&outTradeNo=evil",
+        "T-PAID-a=b",
+        "T-PAID-what?x#frag",
+        "T-PAID-100%25%",
+        "T-PAID-a+b",
+        "T-PAID-a/b;c",
+        "T-PAID-\"quoted\"",
+        "T-PAID-<x>",
+        "T-PAID-订单-ü",
+        "T-PAID-%2e%2e%2f",
+    ]
+    .map(String::from)
+    .to_vec();
+    for prov in BOTH {
+        for queue in [false, true] {
+            let server = mock(MockOptions::default()).await;
+            let ws = Workspace::new();
+            let input = if queue {
+                ws.write("orders.txt", &(orders.join("\n") + "\n"));
+                "orders.txt"
+            } else {
+                let mut w = csv::Writer::from_writer(Vec::new());
+                w.write_record(["order_no", "customer"]).unwrap();
+                for o in &orders {
+                    w.write_record([o.as_str(), "c"]).unwrap();
+                }
+                ws.write(
+                    "orders.csv",
+                    &String::from_utf8(w.into_inner().unwrap()).unwrap(),
+                );
+                "orders.csv"
+            };
+            prov.config(&ws, &server, "");
+            let out = ws.run(&["--input", input]).await;
+            assert_eq!(
+                out.status.code(),
+                Some(0),
+                "{prov:?} {input}: {}",
+                stderr(&out)
+            );
+            let latest = latest(&ws.rows());
+            let mut want = orders.clone();
+            want.sort();
+            assert_eq!(latest.keys().cloned().collect::<Vec<_>>(), want, "{prov:?}");
+            for o in &orders {
+                assert_eq!(latest[o]["status"], "paid", "{prov:?} {o}");
+                assert_eq!(server.polls_of(o), 1, "{prov:?} {input}: server saw {o:?}");
+            }
+            let c = server.counters().snapshot();
+            assert_eq!(c.unauthorized, 0, "{prov:?} {c:?}");
+            assert_eq!(prov.detail_requests(&c), orders.len() as u64, "{prov:?}");
+        }
+    }
+}
+
+/// Bytes that are not UTF-8, a 10 KB field, a 10 KB order number, a header-only
+/// CSV, an empty file and a file of blank lines: good rows are fetched (the 10 KB
+/// field passes through intact), bad ones go to the rejects file with their line
+/// and reason, empty files are a warning naming the file, and nothing panics.
+#[tokio::test(flavor = "multi_thread")]
+async fn hostile_csv_bytes_are_rejected_per_row() {
+    let server = mock(MockOptions::default()).await;
+    let ws = Workspace::new();
+    let big_field = "x".repeat(10 * 1024);
+    let big_order = format!("T-PAID-{}", "9".repeat(10 * 1024));
+    let mut csv: Vec<u8> = b"\xef\xbb\xbforder_no,note\r\n".to_vec();
+    csv.extend_from_slice(format!("T-PAID-1,{big_field}\r\n").as_bytes()); // line 2
+    csv.extend_from_slice(b"T-PAID-\xff\xfe2,latin\r\n"); // line 3
+    csv.extend_from_slice(format!("{big_order},big\r\n").as_bytes()); // line 4
+    csv.extend_from_slice(b"T-PAID-3,caf\xe9\r\n"); // line 5
+    csv.extend_from_slice(b"\r\n\r\n"); // lines 6, 7
+    csv.extend_from_slice(b"T-PAID-4,\"multi\nline\"\n"); // lines 8-9
+    csv.extend_from_slice(b"T-PAID-5,last-without-newline");
+    std::fs::write(ws.path("orders.csv"), &csv).unwrap();
+    ws.write("header-only.csv", "order_no,note\n");
+    ws.write("empty.csv", "");
+    ws.write("blank.txt", "\n\n   \n");
+    Prov::PayProtocol.config(&ws, &server, "");
+    let out = ws
+        .run(&[
+            "--input",
+            "orders.csv",
+            "--input",
+            "header-only.csv",
+            "--input",
+            "empty.csv",
+            "--input",
+            "blank.txt",
+        ])
+        .await;
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(err.contains("empty.csv"), "the empty file is named: {err}");
+    let latest = latest(&ws.rows());
+    assert_eq!(
+        latest.keys().collect::<Vec<_>>(),
+        ["T-PAID-1", "T-PAID-4", "T-PAID-5"],
+        "{latest:?}"
+    );
+    assert_eq!(latest["T-PAID-1"]["input"]["note"], big_field.as_str());
+    assert_eq!(latest["T-PAID-4"]["input"]["note"], "multi\nline");
+    assert_eq!(server.counters().snapshot().payprotocol_detail_requests, 3);
+
+    let rejects = read_rejects(&ws);
+    let lines: Vec<u64> = rejects.iter().map(|r| r.1).collect();
+    assert_eq!(lines, [3, 4, 5], "{rejects:?}");
+    assert!(
+        rejects.iter().all(|r| r.0.ends_with("orders.csv")),
+        "{rejects:?}"
+    );
+    assert!(rejects[0].2.contains("UTF-8"), "{rejects:?}");
+    assert!(rejects[1].2.contains("128"), "{rejects:?}");
+    assert!(rejects[2].2.contains("UTF-8"), "{rejects:?}");
+}
+
+/// The rejects file's records as (source, line, reason), sorted by line.
+fn read_rejects(ws: &Workspace) -> Vec<(String, u64, String)> {
+    let name = ws
+        .out_files()
+        .into_iter()
+        .find(|f| f.starts_with("rejects-"))
+        .expect("a rejects file");
+    let mut rdr = csv::Reader::from_path(ws.path("out").join(name)).unwrap();
+    let mut recs: Vec<(String, u64, String)> = rdr
+        .records()
+        .map(|r| {
+            let r = r.unwrap();
+            (r[0].to_owned(), r[1].parse().unwrap(), r[2].to_owned())
+        })
+        .collect();
+    recs.sort_by_key(|r| r.1);
+    recs
+}
+
+/// Asserts a usage error: exit 2, every `needles` in stderr, no panic.
+fn assert_usage_error(out: &Output, needles: &[&str], what: &str) {
+    let err = stderr(out);
+    assert_eq!(out.status.code(), Some(2), "{what}: {err}");
+    assert!(!err.contains("panicked"), "{what}: {err}");
+    for n in needles {
+        assert!(err.contains(n), "{what}: {n:?} not in {err}");
+    }
+}
+
+/// A directory given as input, as CSV or queue file, is exit 2 naming it, before
+/// any request; the results of an earlier run stay as they were.
+#[tokio::test(flavor = "multi_thread")]
+async fn directory_as_input_is_a_usage_error_and_loses_nothing() {
+    let server = mock(MockOptions::default()).await;
+    let ws = Workspace::new();
+    ws.write("orders.csv", &orders_csv(&numbered("PAID", 5)));
+    Prov::PayProtocol.config(&ws, &server, "");
+    let out = ws.run(&["--input", "orders.csv"]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let before = ws.rows();
+    let requests = server.counters().snapshot().total_requests;
+
+    std::fs::create_dir(ws.path("indir.csv")).unwrap();
+    std::fs::create_dir(ws.path("queue-dir")).unwrap();
+    for bad in ["indir.csv", "queue-dir"] {
+        let out = ws.run(&["--input", "orders.csv", "--input", bad]).await;
+        assert_usage_error(&out, &[bad], bad);
+    }
+    assert_eq!(server.counters().snapshot().total_requests, requests);
+    assert_eq!(ws.rows(), before);
+    let out = ws.run(&["--input", "orders.csv"]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(ws.rows(), before, "nothing refetched, nothing lost");
+}
+
+/// Config mistakes, each refused by `validate` and by `run` with exit 2 and a
+/// message naming the file and the key, before any request and without touching
+/// what an earlier run fetched.
+#[tokio::test(flavor = "multi_thread")]
+async fn config_mistakes_name_the_file_and_key() {
+    let server = mock(MockOptions::default()).await;
+    let ws = Workspace::new();
+    ws.write("orders.csv", &orders_csv(&numbered("PAID", 5)));
+    let base = server.payprotocol_base_url();
+    ws.config(&base, PP_SECRET, "");
+    let out = ws.run(&["--input", "orders.csv"]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let before = ws.rows();
+    let requests = server.counters().snapshot().total_requests;
+
+    // (overrides merged over a good config, keys the message must name)
+    let merged: &[(&str, &[&str])] = &[
+        ("[fetch]\nconcurrency = \"many\"\n", &["concurrency"]),
+        ("[fetch]\nconcurrency = 0\n", &["fetch.concurrency"]),
+        ("[fetch]\nrate_limit = 0.0\n", &["fetch.rate_limit"]),
+        ("[fetch]\nrate_limit = -0.5\n", &["fetch.rate_limit"]),
+        ("[fetch]\nburst = 0\n", &["fetch.burst"]),
+        ("[fetch]\nmax_attempts = 0\n", &["fetch.max_attempts"]),
+        ("[fetch]\ntimeout = \"soon\"\n", &["timeout", "soon"]),
+        ("[fetch]\ntimeout = 10\n", &["timeout"]),
+        ("[settle]\npoll_interval = \"-5s\"\n", &["poll_interval"]),
+        (
+            "[settle]\nbackoff_factor = -1.0\n",
+            &["settle.backoff_factor"],
+        ),
+        ("[provider]\nkind = \"stripe\"\n", &["kind", "stripe"]),
+        ("[output]\nformat = \"xml\"\n", &["format", "xml"]),
+        ("[outptu]\ndir = \"x\"\n", &["outptu"]),
+        ("[fetch]\nretries = 3\n", &["retries"]),
+        (
+            "[schedule]\ningest = \"every minute\"\n",
+            &["schedule.ingest"],
+        ),
+    ];
+    for (overrides, keys) in merged {
+        ws.config(&base, PP_SECRET, overrides);
+        let mut needles = vec!["config.toml"];
+        needles.extend_from_slice(keys);
+        let out = ws.paysync(&["validate", "--config", "config.toml"]).await;
+        assert_usage_error(&out, &needles, overrides);
+        let out = ws.run(&["--input", "orders.csv"]).await;
+        assert_usage_error(&out, &needles, overrides);
+    }
+
+    // Whole files: syntax errors, missing secrets, missing required keys.
+    let provider = |extra: &str| {
+        format!(
+            "[provider]\nkind = \"payprotocol\"\nbase_url = \"{base}\"\napi_key = \"k\"\n{extra}[state]\npath = \"state.db\"\n[output]\ndir = \"out\"\n"
+        )
+    };
+    let raw: Vec<(String, Vec<&str>)> = vec![
+        ("[fetch\nconcurrency = 3\n".into(), vec!["line 1"]),
+        (
+            provider("api_secret_env = \"PAYSYNC_HARDENING_UNSET_VAR\"\n"),
+            vec!["provider.api_secret_env", "PAYSYNC_HARDENING_UNSET_VAR"],
+        ),
+        (
+            provider("api_secret_file = \"no-such-secret\"\n"),
+            vec!["provider.api_secret_file", "no-such-secret"],
+        ),
+        (provider(""), vec!["api_secret"]),
+        (
+            format!(
+                "[provider]\nkind = \"genauth\"\nbase_url = \"{base}\"\naccess_key_secret_file = \"secret\"\n"
+            ),
+            vec!["provider.access_key_id"],
+        ),
+        (
+            provider("api_secret_file = \"secret\"\n").replace(&base, "not a url"),
+            vec!["provider.base_url"],
+        ),
+    ];
+    for (text, keys) in &raw {
+        ws.write("config.toml", text);
+        let mut needles = vec!["config.toml"];
+        needles.extend_from_slice(keys);
+        let out = ws
+            .command(&["validate", "--config", "config.toml"])
+            .env_remove("PAYSYNC_HARDENING_UNSET_VAR")
+            .output()
+            .await
+            .unwrap();
+        assert_usage_error(&out, &needles, text);
+        let out = ws
+            .command(&[
+                "run",
+                "--config",
+                "config.toml",
+                "--no-progress",
+                "--input",
+                "orders.csv",
+            ])
+            .env_remove("PAYSYNC_HARDENING_UNSET_VAR")
+            .output()
+            .await
+            .unwrap();
+        assert_usage_error(&out, &needles, text);
+    }
+    assert_eq!(server.counters().snapshot().total_requests, requests);
+    assert_eq!(ws.rows(), before);
+}
