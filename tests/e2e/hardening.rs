@@ -583,3 +583,265 @@ async fn config_mistakes_name_the_file_and_key() {
     assert_eq!(server.counters().snapshot().total_requests, requests);
     assert_eq!(ws.rows(), before);
 }
+
+// ---------------------------------------------------------------------------
+// 3. Local faults
+// ---------------------------------------------------------------------------
+
+/// `paysync status --json` of the workspace.
+async fn status_json(ws: &Workspace) -> Value {
+    let out = ws
+        .paysync(&["status", "--config", "config.toml", "--json"])
+        .await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// Data files in `out` that have no manifest, and temporary files.
+fn unmanifested(ws: &Workspace) -> Vec<String> {
+    let files = ws.out_files();
+    files
+        .iter()
+        .filter(|f| {
+            f.ends_with(".tmp")
+                || (f.starts_with("paysync-")
+                    && !f.ends_with(".manifest.json")
+                    && !files.iter().any(|m| {
+                        m.ends_with(".manifest.json")
+                            && f.starts_with(m.trim_end_matches(".manifest.json"))
+                    }))
+        })
+        .cloned()
+        .collect()
+}
+
+/// After a failed export and a repaired rerun: every order exactly once, no new
+/// provider requests, nothing unexported, no stray files.
+async fn assert_rerun_writes_everything(
+    ws: &Workspace,
+    server: &MockServer,
+    orders: &[String],
+    requests_before: u64,
+) {
+    let out = ws.run(&[]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let rows = ws.rows();
+    assert_no_duplicates(&rows);
+    assert_eq!(rows.len(), orders.len(), "one row per order, exactly once");
+    let latest = latest(&rows);
+    assert!(orders.iter().all(|o| latest[o]["status"] == "paid"));
+    assert_eq!(
+        server.counters().snapshot().payprotocol_detail_requests,
+        requests_before,
+        "the rerun only wrote; it fetched nothing again"
+    );
+    assert_eq!(status_json(ws).await["unexported_rows"], 0);
+    assert!(unmanifested(ws).is_empty(), "{:?}", ws.out_files());
+}
+
+/// The output directory cannot be written (its path is a regular file; tests run
+/// as root, which ignores permission bits, so a mode-0 directory would prove
+/// nothing). At start: exit 4 naming the path before any request. After fetching
+/// (the directory is replaced by a file while orders are polled): exit 4, the
+/// state keeps every row as not exported, and a rerun once the directory is usable
+/// writes each row exactly once without fetching again.
+#[tokio::test(flavor = "multi_thread")]
+async fn unwritable_output_fails_clearly_and_a_rerun_writes_the_rows() {
+    let server = mock(MockOptions {
+        pending_polls: 5,
+        ..MockOptions::default()
+    })
+    .await;
+    let ws = Workspace::new();
+    let orders = numbered("PENDING", 20);
+    ws.write("orders.csv", &orders_csv(&orders));
+    Prov::PayProtocol.config(
+        &ws,
+        &server,
+        "[settle]\npoll_interval = \"200ms\"\nconfirming_interval = \"200ms\"\n",
+    );
+
+    ws.write("out", "not a directory\n");
+    let out = ws
+        .run(&["--input", "orders.csv", "--max-wait", "60s"])
+        .await;
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(4), "{err}");
+    // Paths in messages are as configured (relative to the config file here).
+    assert!(err.contains("cannot create output file out"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(server.counters().snapshot().total_requests, 0);
+    std::fs::remove_file(ws.path("out")).unwrap();
+
+    let child = ws
+        .command(&["run", "--config", "config.toml", "--no-progress"])
+        .args(["--input", "orders.csv", "--max-wait", "60s"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let counters = server.counters();
+    wait_for("every order's first poll", || {
+        counters.snapshot().payprotocol_detail_requests >= orders.len() as u64
+    })
+    .await;
+    // The orders need 5 more polls 200 ms apart before the export: time enough.
+    std::fs::remove_dir(ws.path("out")).unwrap();
+    ws.write("out", "not a directory\n");
+    let out = child.wait_with_output().await.unwrap();
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(4), "{err}");
+    assert!(err.contains("output file out"), "{err}");
+    let requests = counters.snapshot().payprotocol_detail_requests;
+    // pending, confirming, paid: three rows per order, none exported.
+    assert_eq!(status_json(&ws).await["unexported_rows"], 3 * orders.len());
+
+    std::fs::remove_file(ws.path("out")).unwrap();
+    let out = ws.run(&[]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let rows = ws.rows();
+    assert_no_duplicates(&rows);
+    assert_eq!(rows.len(), 3 * orders.len(), "every row exactly once");
+    assert!(latest(&rows).values().all(|r| r["status"] == "paid"));
+    assert_eq!(counters.snapshot().payprotocol_detail_requests, requests);
+    assert_eq!(status_json(&ws).await["unexported_rows"], 0);
+    assert!(unmanifested(&ws).is_empty(), "{:?}", ws.out_files());
+}
+
+/// A tmpfs mounted over a workspace directory; unmounted on drop.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    /// Mounts a tmpfs of `size` on `dir`, or says why it cannot.
+    fn mount(dir: &Path, size: &str) -> Result<Tmpfs, String> {
+        std::fs::create_dir_all(dir).unwrap();
+        let out = std::process::Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0755"),
+                "tmpfs",
+            ])
+            .arg(dir)
+            .output()
+            .map_err(|e| format!("cannot run mount: {e}"))?;
+        if !out.status.success() {
+            return Err(String::from_utf8_lossy(&out.stderr).trim().to_owned());
+        }
+        Ok(Tmpfs(dir.to_owned()))
+    }
+
+    fn resize(&self, size: &str) {
+        let out = std::process::Command::new("mount")
+            .args(["-o", &format!("remount,size={size}")])
+            .arg(&self.0)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// A full disk (ENOSPC from a 64 KiB tmpfs as the output directory, with about
+/// 500 KB of rows to write): the run exits 4 with "No space left on device" and
+/// the file it was writing, leaves no partial file visible, keeps the rows
+/// unexported in the state, and a rerun with room writes each exactly once.
+/// Mounting needs CAP_SYS_ADMIN; without it this test prints why and returns
+/// (`unwritable_output_fails_clearly_and_a_rerun_writes_the_rows` still runs).
+#[tokio::test(flavor = "multi_thread")]
+async fn full_disk_fails_clearly_and_a_rerun_writes_the_rows() {
+    let ws = Workspace::new();
+    let fs = match Tmpfs::mount(&ws.path("out"), "64k") {
+        Ok(fs) => fs,
+        Err(why) => {
+            eprintln!("SKIPPED full_disk_fails_clearly...: cannot mount a tmpfs: {why}");
+            return;
+        }
+    };
+    let server = mock(MockOptions::default()).await;
+    let orders = numbered("PAID", 300);
+    let mut csv = String::from("order_no,blob\n");
+    for o in &orders {
+        csv.push_str(&format!("{o},{}\n", "b".repeat(1000)));
+    }
+    ws.write("orders.csv", &csv);
+    Prov::PayProtocol.config(&ws, &server, "");
+    let out = ws.run(&["--input", "orders.csv"]).await;
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(4), "{err}");
+    assert!(err.contains("No space left on device"), "{err}");
+    assert!(
+        err.contains("cannot write output file out/.paysync-") && err.contains(".jsonl.tmp"),
+        "{err}"
+    );
+    assert!(unmanifested(&ws).is_empty(), "{:?}", ws.out_files());
+    assert!(ws.rows().is_empty());
+    let requests = server.counters().snapshot().payprotocol_detail_requests;
+    assert_eq!(requests, 300);
+    assert_eq!(status_json(&ws).await["unexported_rows"], 300);
+
+    fs.resize("16m");
+    assert_rerun_writes_everything(&ws, &server, &orders, requests).await;
+}
+
+/// A state file from a newer paysync (a higher schema version) is refused by
+/// `run`, `daemon` and `status` with a message naming the file and the versions
+/// (exit 4), and is left exactly as it was.
+#[tokio::test(flavor = "multi_thread")]
+async fn newer_state_schema_is_refused_clearly() {
+    let server = mock(MockOptions::default()).await;
+    let ws = Workspace::new();
+    ws.write("orders.csv", &orders_csv(&numbered("PAID", 3)));
+    Prov::PayProtocol.config(&ws, &server, "");
+    let out = ws.run(&["--input", "orders.csv"]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let newer = paysync::state::SCHEMA_VERSION + 1;
+    let db = ws.path("state.db");
+    {
+        let conn = rusqlite::Connection::open(&db).unwrap();
+        conn.pragma_update(None, "user_version", newer).unwrap();
+    }
+    let requests = server.counters().snapshot().total_requests;
+    for args in [
+        &[
+            "run",
+            "--config",
+            "config.toml",
+            "--no-progress",
+            "--input",
+            "orders.csv",
+        ][..],
+        &["daemon", "--config", "config.toml"],
+        &["status", "--config", "config.toml"],
+    ] {
+        let out = tokio::time::timeout(Duration::from_secs(60), ws.paysync(args))
+            .await
+            .expect("refused at once");
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(4), "{args:?}: {err}");
+        assert!(
+            err.contains("state file state.db")
+                && err.contains(&format!("schema version {newer}"))
+                && err.contains("newer"),
+            "{args:?}: {err}"
+        );
+    }
+    assert_eq!(server.counters().snapshot().total_requests, requests);
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    let v: i64 = conn
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(v, newer);
+}
