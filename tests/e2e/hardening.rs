@@ -845,3 +845,412 @@ async fn newer_state_schema_is_refused_clearly() {
         .unwrap();
     assert_eq!(v, newer);
 }
+
+// ---------------------------------------------------------------------------
+// 4. Secrets, TLS, file modes
+// ---------------------------------------------------------------------------
+
+const PP_TEST_SECRET: &str = "pp-sEcReT-4b1d7e0c9a2f";
+const GA_TEST_SECRET: &str = "ga-sEcReT-93fa27d1c6e0";
+const WRONG_SECRET: &str = "wrong-sEcReT-5e8c17b2d4";
+
+/// SIGTERM to a child process.
+fn sigterm(child: &tokio::process::Child) {
+    let pid = child.id().expect("running").to_string();
+    let ok = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+}
+
+/// Every regular file under `dir`, recursively.
+fn files_under(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut all = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            all.extend(files_under(&p));
+        } else {
+            all.push(p);
+        }
+    }
+    all
+}
+
+/// Where each needle occurs in `haystack` (by name), for the failure message.
+fn hits(name: &str, haystack: &[u8], needles: &[String], found: &mut Vec<String>) {
+    for n in needles {
+        if haystack.windows(n.len()).any(|w| w == n.as_bytes()) {
+            found.push(format!("{n:?} in {name}"));
+        }
+    }
+}
+
+/// Every command at the most verbose log level (`--log-level trace`, also
+/// `RUST_LOG=trace`, text and JSON lines), both providers, success and error paths
+/// (faults, business errors, rejects, a wrong secret, an expired token refreshed):
+/// the API secret, the access key secret, the wrong secret and every GenAuth token
+/// the server issued appear in no stdout, no stderr, and no file paysync wrote
+/// (output, manifests, rejects, state database and its WAL). Only the secret files
+/// themselves hold them.
+#[tokio::test(flavor = "multi_thread")]
+async fn no_secret_or_token_appears_anywhere_at_trace_level() {
+    let opts = MockOptions {
+        payprotocol_api_secret: PP_TEST_SECRET.into(),
+        genauth_access_key_secret: GA_TEST_SECRET.into(),
+        fault_share: 0.3,
+        fault_kinds: vec![
+            FaultKind::Status500,
+            FaultKind::Malformed,
+            FaultKind::Html502,
+            FaultKind::Throttle429,
+        ],
+        retry_after: RetryAfterMode::Zero,
+        ..MockOptions::default()
+    };
+    let mut tokens = Vec::new();
+    let mut orders = Vec::new();
+    for m in ["PAID", "PENDING", "NOTFOUND", "BADREQ", "FAILED"] {
+        orders.extend(numbered(m, 3));
+    }
+    let mut csv = orders_csv(&orders);
+    csv.push_str("T PAID bad,rejected\n");
+
+    let mut streams: Vec<(String, Vec<u8>)> = Vec::new();
+    let mut workspaces = Vec::new();
+    let trace = ["--log-level", "trace"];
+    for prov in BOTH {
+        let server = mock(opts.clone()).await;
+        for json in [false, true] {
+            let ws = Workspace::new();
+            ws.write("orders.csv", &csv);
+            let daemon = "[input]\nqueue_files = [\"queue.txt\"]\n[schedule]\ningest = \"* * * * * *\"\nexport = \"* * * * * *\"\n";
+            ws.write("queue.txt", "T-PAID-q1\nT-NEVER-q2\n");
+            match prov {
+                Prov::PayProtocol => {
+                    ws.config(&server.payprotocol_base_url(), PP_TEST_SECRET, daemon)
+                }
+                Prov::GenAuth => {
+                    ws.genauth_config(&server.genauth_base_url(), GA_TEST_SECRET, daemon)
+                }
+            };
+            let format = if json { "json" } else { "text" };
+            let mut record = |what: &str, out: &Output| {
+                streams.push((
+                    format!("{prov:?}/{format} {what} stdout"),
+                    out.stdout.clone(),
+                ));
+                streams.push((
+                    format!("{prov:?}/{format} {what} stderr"),
+                    out.stderr.clone(),
+                ));
+            };
+            let cmd = |args: &[&str]| {
+                let mut c = ws.command(args);
+                c.args(trace)
+                    .args(["--log-format", format])
+                    .env("RUST_LOG", "trace");
+                c
+            };
+
+            let out = cmd(&["validate", "--config", "config.toml"])
+                .output()
+                .await
+                .unwrap();
+            assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+            record("validate", &out);
+            let out = cmd(&["run", "--config", "config.toml", "--no-progress"])
+                .args(["--input", "orders.csv", "--max-wait", "3s"])
+                .output()
+                .await
+                .unwrap();
+            assert_eq!(
+                out.status.code(),
+                Some(1),
+                "BADREQ errors: {}",
+                stderr(&out)
+            );
+            record("run", &out);
+            for args in [
+                &["status", "--config", "config.toml"][..],
+                &["status", "--config", "config.toml", "--json"],
+            ] {
+                let out = cmd(args).output().await.unwrap();
+                assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+                record(args.join(" ").as_str(), &out);
+            }
+            let child = cmd(&["daemon", "--config", "config.toml"])
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap();
+            wait_for("the daemon to poll the queue", || {
+                server.polls_of("T-PAID-q1") > 0
+            })
+            .await;
+            if prov == Prov::GenAuth {
+                // The daemon's token expires: it is refused, then refreshed.
+                server.advance_clock(Duration::from_secs(3 * 3600));
+            }
+            let polls = server.polls_of("T-NEVER-q2");
+            wait_for("more polls", || server.polls_of("T-NEVER-q2") > polls + 1).await;
+            sigterm(&child);
+            let out = child.wait_with_output().await.unwrap();
+            assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+            record("daemon", &out);
+
+            // A wrong secret: refused, exit 3, at trace level too.
+            ws.write("secret", &format!("{WRONG_SECRET}\n"));
+            let out = cmd(&["run", "--config", "config.toml", "--no-progress"])
+                .args(["--input", "orders.csv"])
+                .output()
+                .await
+                .unwrap();
+            assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+            record("run with wrong secret", &out);
+            assert!(!ws.rows().is_empty());
+            workspaces.push(ws);
+        }
+        tokens.extend(server.issued_tokens());
+    }
+    // The demo, which runs its own mock with the default demo secrets.
+    let demo_ws = Workspace::new();
+    let out = demo_ws
+        .command(&["demo", "--orders", "30", "--dir", "demo"])
+        .args(trace)
+        .env("RUST_LOG", "trace")
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    streams.push(("demo stdout".into(), out.stdout.clone()));
+    streams.push(("demo stderr".into(), out.stderr.clone()));
+
+    assert!(
+        tokens.len() >= 4,
+        "tokens were issued and refreshed: {tokens:?}"
+    );
+    let mut needles: Vec<String> = [PP_TEST_SECRET, GA_TEST_SECRET, WRONG_SECRET, PP_SECRET]
+        .map(String::from)
+        .to_vec();
+    needles.extend(tokens);
+    let mut found = Vec::new();
+    let mut scanned = 0;
+    for (name, bytes) in &streams {
+        // Runs and daemons really logged at trace level.
+        if name.ends_with("run stderr") || name.ends_with("daemon stderr") {
+            assert!(
+                String::from_utf8_lossy(bytes).contains("TRACE"),
+                "{name} is not trace-level output"
+            );
+        }
+        hits(name, bytes, &needles, &mut found);
+    }
+    for ws in workspaces.iter().chain([&demo_ws]) {
+        for f in files_under(&ws.path(".")) {
+            let name = f.file_name().unwrap().to_string_lossy();
+            if name == "secret" {
+                continue;
+            }
+            scanned += 1;
+            hits(
+                &f.display().to_string(),
+                &std::fs::read(&f).unwrap(),
+                &needles,
+                &mut found,
+            );
+        }
+    }
+    assert!(scanned > 20, "{scanned} files scanned");
+    assert!(found.is_empty(), "secrets leaked: {found:#?}");
+}
+
+/// A TLS server with a self-signed certificate, counting completed handshakes.
+async fn self_signed_tls_server() -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::atomic::AtomicU64>,
+    std::sync::Arc<std::sync::atomic::AtomicU64>,
+) {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use tokio_rustls::rustls;
+    let cert = rustls::pki_types::CertificateDer::from(
+        include_bytes!("fixtures/self-signed-cert.der").to_vec(),
+    );
+    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(
+        include_bytes!("fixtures/self-signed-key.der")
+            .to_vec()
+            .into(),
+    );
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(vec![cert], key)
+    .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (connections, handshakes) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let (c, h) = (connections.clone(), handshakes.clone());
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            c.fetch_add(1, Ordering::SeqCst);
+            let (acceptor, h) = (acceptor.clone(), h.clone());
+            tokio::spawn(async move {
+                if let Ok(mut tls) = acceptor.accept(tcp).await {
+                    h.fetch_add(1, Ordering::SeqCst);
+                    use tokio::io::AsyncWriteExt;
+                    let _ = tls
+                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}")
+                        .await;
+                }
+            });
+        }
+    });
+    (addr, connections, handshakes)
+}
+
+/// An https base URL whose server shows a self-signed certificate is refused by
+/// both providers: no TLS session is ever completed, and the error rows and the
+/// summary say the certificate is the problem. There is no way to turn
+/// verification off.
+#[tokio::test(flavor = "multi_thread")]
+async fn https_with_a_self_signed_certificate_is_refused() {
+    use std::sync::atomic::Ordering;
+    for prov in BOTH {
+        let (addr, connections, handshakes) = self_signed_tls_server().await;
+        let ws = Workspace::new();
+        ws.write("orders.csv", &orders_csv(&numbered("PAID", 2)));
+        let overrides = "[fetch]\nmax_attempts = 2\n";
+        match prov {
+            Prov::PayProtocol => {
+                ws.config(&format!("https://{addr}/api/mer"), PP_SECRET, overrides)
+            }
+            Prov::GenAuth => ws.genauth_config(&format!("https://{addr}"), GA_SECRET, overrides),
+        };
+        let out = ws.run(&["--input", "orders.csv"]).await;
+        let text = format!("{}\n{}", stdout(&out), stderr(&out));
+        assert!(matches!(out.status.code(), Some(1..=4)), "{prov:?}: {text}");
+        assert!(connections.load(Ordering::SeqCst) > 0, "{prov:?}: {text}");
+        assert_eq!(handshakes.load(Ordering::SeqCst), 0, "{prov:?}: {text}");
+        let errors: Vec<String> = ws
+            .rows()
+            .iter()
+            .map(|r| r["error"].as_str().unwrap_or_default().to_owned())
+            .collect();
+        let all = format!("{text}\n{errors:?}");
+        assert!(
+            all.to_lowercase().contains("certificate"),
+            "{prov:?}: {all}"
+        );
+        assert!(
+            errors
+                .iter()
+                .all(|e| e.to_lowercase().contains("certificate")),
+            "{prov:?}: {all}"
+        );
+    }
+}
+
+/// Under `umask 000`, output files, manifests and rejects are created 0640 and the
+/// state file with its WAL, shared-memory and lock files 0600 (checked while the
+/// daemon holds them open, and after a run).
+#[tokio::test(flavor = "multi_thread")]
+async fn files_have_restrictive_modes_whatever_the_umask() {
+    let server = mock(MockOptions::default()).await;
+    let ws = Workspace::new();
+    let mut csv = orders_csv(&numbered("PAID", 5));
+    csv.push_str("T PAID bad,rejected\n");
+    ws.write("orders.csv", &csv);
+    ws.write("queue.txt", "T-PAID-q1\n");
+    Prov::PayProtocol.config(
+        &ws,
+        &server,
+        "[input]\nqueue_files = [\"queue.txt\"]\n[schedule]\ningest = \"* * * * * *\"\nexport = \"* * * * * *\"\n",
+    );
+    // The real binary, started by a shell that set umask 000 first.
+    let umask000 = |args: &[&str]| {
+        let mut c = tokio::process::Command::new("sh");
+        c.args([
+            "-c",
+            "umask 000; exec \"$0\" \"$@\"",
+            env!("CARGO_BIN_EXE_paysync"),
+        ])
+        .args(args)
+        .current_dir(ws.path("."))
+        .env_remove("CREDENTIALS_DIRECTORY")
+        .kill_on_drop(true);
+        c
+    };
+    let mode = |rel: &str| {
+        std::fs::metadata(ws.path(rel))
+            .unwrap_or_else(|e| panic!("{rel}: {e}"))
+            .permissions()
+            .mode()
+            & 0o777
+    };
+    let check_state = |when: &str| {
+        for f in ["state.db", "state.db-wal", "state.db-shm", "state.db.lock"] {
+            assert_eq!(mode(f), 0o600, "{f} {when}: {:o}", mode(f));
+        }
+    };
+
+    let out = umask000(&[
+        "run",
+        "--config",
+        "config.toml",
+        "--no-progress",
+        "--input",
+        "orders.csv",
+    ])
+    .output()
+    .await
+    .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let out = umask000(&[
+        "run",
+        "--config",
+        "config.toml",
+        "--no-progress",
+        "--format",
+        "csv",
+    ])
+    .args(["--input", "queue.txt"])
+    .output()
+    .await
+    .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+
+    let mut child = umask000(&["daemon", "--config", "config.toml"])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // The daemon has the database open (WAL and shared memory exist) once it polls.
+    std::fs::write(ws.path("queue.txt"), "T-PAID-q1\nT-PAID-q2\n").unwrap();
+    wait_for("the daemon to poll", || server.polls_of("T-PAID-q2") > 0).await;
+    check_state("while the daemon runs");
+    sigterm(&child);
+    assert_eq!(child.wait().await.unwrap().code(), Some(0));
+    assert_eq!(mode("state.db"), 0o600);
+
+    let files = ws.out_files();
+    let kinds = [".jsonl", ".csv", ".manifest.json", "rejects-"];
+    for k in kinds {
+        assert!(
+            files.iter().any(|f| f.contains(k)),
+            "no {k} file in {files:?}"
+        );
+    }
+    for f in &files {
+        assert_eq!(
+            mode(&format!("out/{f}")),
+            0o640,
+            "out/{f}: {:o}",
+            mode(&format!("out/{f}"))
+        );
+    }
+}
