@@ -2,7 +2,6 @@
 //! local faults (unwritable or full output, newer state schema), secrets, TLS and
 //! file modes. Each test drives the real binary against the real mock server.
 
-use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::Output;
