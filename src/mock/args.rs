@@ -45,7 +45,8 @@ pub struct MockArgs {
     /// Share (0..1) of orders whose first attempts fail.
     #[arg(long, default_value_t = 0.0)]
     pub fault_share: f64,
-    /// Fault kinds, comma-separated: 500,502,503,html,malformed,reset,slow,large,429.
+    /// Fault kinds, comma-separated: 500,502,503,html,malformed,reset,slow,large,
+    /// large-chunked,429.
     #[arg(
         long,
         value_delimiter = ',',
@@ -141,7 +142,7 @@ mod tests {
             "--fault-share",
             "0.2",
             "--fault-kinds",
-            "500,502,503,html,malformed,reset,slow,large,429",
+            "500,502,503,html,malformed,reset,slow,large,large-chunked,429",
             "--random-fault-rate",
             "0.01",
             "--latency",

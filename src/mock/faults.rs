@@ -165,6 +165,7 @@ pub(crate) async fn common_fault(s: &Shared, kind: FaultKind) -> Option<Response
             .into_response(),
         FaultKind::Malformed => (StatusCode::OK, json, TRUNCATED_JSON).into_response(),
         FaultKind::TooLarge => (StatusCode::OK, json, s.large_body.clone()).into_response(),
+        FaultKind::LargeChunked => chunked_large_response(),
         FaultKind::Slow => {
             s.pause(s.opts.slow_delay).await;
             (
@@ -180,6 +181,36 @@ pub(crate) async fn common_fault(s: &Shared, kind: FaultKind) -> Option<Response
         | FaultKind::Status503
         | FaultKind::Throttle429 => return None,
     })
+}
+
+/// Size of the `LargeChunked` fault body.
+pub(crate) const CHUNKED_BODY_BYTES: usize = 8 * 1024 * 1024;
+
+/// HTTP 200 with a JSON body of [`CHUNKED_BODY_BYTES`] in 64 KiB chunks and no
+/// `Content-Length`: only reading tells how big it is. The chunks are produced
+/// as they are sent, and stop when the client hangs up.
+fn chunked_large_response() -> Response {
+    use futures::StreamExt;
+    const CHUNK: usize = 64 * 1024;
+    let head =
+        Bytes::from_static(br#"{"code":200,"msg":"success","statusCode":200,"data":{"padding":""#);
+    let tail = Bytes::from_static(br#""}}"#);
+    let pad = CHUNKED_BODY_BYTES - head.len() - tail.len();
+    let filler = Bytes::from(vec![b'x'; CHUNK]);
+    let middle = futures::stream::iter((0..pad.div_ceil(CHUNK)).map(move |i| {
+        let n = CHUNK.min(pad - i * CHUNK);
+        filler.slice(..n)
+    }));
+    let body = futures::stream::once(async { head })
+        .chain(middle)
+        .chain(futures::stream::once(async { tail }))
+        .map(Ok::<Bytes, std::io::Error>);
+    (
+        StatusCode::OK,
+        [(CONTENT_TYPE, HeaderValue::from_static("application/json"))],
+        Body::from_stream(body),
+    )
+        .into_response()
 }
 
 /// HTTP 200 announcing a 4 KiB JSON body; the connection drops after 64 bytes.

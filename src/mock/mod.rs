@@ -137,13 +137,16 @@ pub enum FaultKind {
     Slow,
     /// HTTP 200 with a 2 MiB JSON body.
     TooLarge,
+    /// HTTP 200 with an 8 MiB JSON body sent chunked, without `Content-Length`, so
+    /// a client learns its size only while reading it.
+    LargeChunked,
     /// PayProtocol: HTTP 429 (with `Retry-After` per mode, 1 s); GenAuth: statusCode 429.
     Throttle429,
 }
 
 impl FaultKind {
     /// Every kind, in the order of their flag names.
-    pub const ALL: [FaultKind; 9] = [
+    pub const ALL: [FaultKind; 10] = [
         FaultKind::Status500,
         FaultKind::Status502,
         FaultKind::Status503,
@@ -152,11 +155,12 @@ impl FaultKind {
         FaultKind::Reset,
         FaultKind::Slow,
         FaultKind::TooLarge,
+        FaultKind::LargeChunked,
         FaultKind::Throttle429,
     ];
 
     /// The flag name: `500`, `502`, `503`, `html`, `malformed`, `reset`, `slow`,
-    /// `large`, `429`.
+    /// `large`, `large-chunked`, `429`.
     pub fn name(self) -> &'static str {
         match self {
             FaultKind::Status500 => "500",
@@ -167,6 +171,7 @@ impl FaultKind {
             FaultKind::Reset => "reset",
             FaultKind::Slow => "slow",
             FaultKind::TooLarge => "large",
+            FaultKind::LargeChunked => "large-chunked",
             FaultKind::Throttle429 => "429",
         }
     }
@@ -335,6 +340,13 @@ impl MockServer {
     /// Detail requests received for `order_no` (see [`Counters::polls_of`]).
     pub fn polls_of(&self, order_no: &str) -> u32 {
         self.shared.counters.polls_of(order_no)
+    }
+
+    /// Every GenAuth management token issued so far and not yet swept out, so tests
+    /// can check that no token value leaks into logs or files.
+    pub fn issued_tokens(&self) -> Vec<String> {
+        let tokens = self.shared.tokens.read().unwrap_or_else(|e| e.into_inner());
+        tokens.keys().cloned().collect()
     }
 
     /// Moves the server's clock forward (token expiry, PayProtocol timestamp check,

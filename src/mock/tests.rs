@@ -603,7 +603,7 @@ async fn order_faults_fail_exactly_max_consecutive_then_succeed() {
         FaultKind::Malformed => Seen::Malformed,
         FaultKind::Reset => Seen::BodyError,
         FaultKind::Slow => Seen::Http(504),
-        FaultKind::TooLarge => Seen::Large,
+        FaultKind::TooLarge | FaultKind::LargeChunked => Seen::Large,
         FaultKind::Throttle429 => Seen::Http(429),
     };
     let expect_ga = |k| match k {
@@ -787,4 +787,24 @@ async fn serve_until_returns_on_shutdown() {
         .expect("returns")
         .expect("task")
         .expect("serves");
+}
+
+/// The `large-chunked` fault sends no `Content-Length` (the client learns the size
+/// only while reading) and a complete JSON body of `CHUNKED_BODY_BYTES`.
+#[tokio::test]
+async fn large_chunked_fault_has_no_length_and_valid_json() {
+    let s = start(MockOptions {
+        fault_share: 1.0,
+        fault_kinds: vec![FaultKind::LargeChunked],
+        max_consecutive_faults: 1,
+        ..MockOptions::default()
+    })
+    .await;
+    let r = pp_get(&s, "/api/mer/payment/detail?outTradeNo=PAID-C").await;
+    assert_eq!(r.status().as_u16(), 200);
+    assert!(r.content_length().is_none(), "{:?}", r.headers());
+    let body = r.bytes().await.unwrap();
+    assert_eq!(body.len(), faults::CHUNKED_BODY_BYTES);
+    assert!(serde_json::from_slice::<Value>(&body).is_ok());
+    s.shutdown().await;
 }

@@ -298,7 +298,13 @@ fn classify_envelope<T: serde::de::DeserializeOwned>(
 ) -> Result<Option<T>, FetchError> {
     let status = raw.status;
     match status {
-        401 | 403 => return Err(FetchError::Auth(format!("HTTP {status}"))),
+        // The body says why (a bad signature, an expired timestamp: clock skew).
+        401 | 403 => {
+            return Err(FetchError::Auth(format!(
+                "HTTP {status}: {}",
+                snippet(&raw.body)
+            )));
+        }
         404 => return Err(FetchError::NotFound),
         429 => {
             return Err(FetchError::Throttled {
@@ -533,6 +539,13 @@ mod tests {
         let c = |status, body: &str| classify_detail(&raw(status, body), &table(), cst());
         assert!(matches!(c(401, ""), Err(FetchError::Auth(_))));
         assert!(matches!(c(403, "<html>"), Err(FetchError::Auth(_))));
+        // An HTTP 401 keeps the server's reason (a stale timestamp means clock skew).
+        assert_eq!(
+            c(401, r#"{"code":401,"msg":"request timestamp expired"}"#),
+            Err(FetchError::Auth(
+                r#"HTTP 401: {"code":401,"msg":"request timestamp expired"}"#.into()
+            ))
+        );
         assert!(matches!(
             c(200, r#"{"code":401,"msg":"bad sign"}"#),
             Err(FetchError::Auth(_))

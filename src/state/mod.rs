@@ -165,6 +165,8 @@ pub struct StatusReport {
     pub provider: Option<String>,
     pub by_status: Vec<StatusCount>,
     pub oldest_unsettled: Option<OldestUnsettled>,
+    /// Rows in no committed file: not staged yet, or staged by an export that has
+    /// not committed (it failed, or runs right now).
     pub unexported_rows: u64,
     pub last_runs: Vec<RunRecord>,
 }

@@ -900,8 +900,11 @@ impl StateStore for SqliteStore {
                 })
                 .transpose()?;
 
+            // Not exported: rows not staged yet, and rows of staged batches whose
+            // file is not committed (an export that failed, e.g. a full disk).
             let unexported: i64 = tx.query_row(
-                "SELECT COUNT(*) FROM observations WHERE seq >= ?1",
+                "SELECT (SELECT COUNT(*) FROM observations WHERE seq >= ?1)
+                      + (SELECT COALESCE(SUM(rows), 0) FROM batches WHERE state = 'staged')",
                 [next_unstaged_seq(tx)?],
                 |r| r.get(0),
             )?;
@@ -1502,7 +1505,8 @@ mod tests {
             ["A", "B", "C"]
         );
         assert_eq!(batch_rows(&s, b1.id), first, "visiting is repeatable");
-        assert_eq!(s.status_report(0).unwrap().unexported_rows, 0);
+        // Staged is not exported: the rows count until their batch is committed.
+        assert_eq!(s.status_report(0).unwrap().unexported_rows, 3);
 
         // New rows while b1 is open go to the next batch, not to b1.
         s.record_polls(
@@ -1510,9 +1514,10 @@ mod tests {
             &[poll("B", PayStatus::Paid, Tracking::Settled, at(3))],
         )
         .unwrap();
-        assert_eq!(s.status_report(0).unwrap().unexported_rows, 1);
+        assert_eq!(s.status_report(0).unwrap().unexported_rows, 4);
         assert_eq!(s.last_commit_at().unwrap(), None);
         s.commit_batch(b1.id, at(4)).unwrap();
+        assert_eq!(s.status_report(0).unwrap().unexported_rows, 1);
         assert_eq!(s.last_commit_at().unwrap(), Some(at(4)));
         assert!(s.open_batches().unwrap().is_empty());
 
@@ -1557,7 +1562,8 @@ mod tests {
         .unwrap();
         assert_eq!(seen, ["A"]);
         assert_eq!(batch_rows(&s, b.id).len(), 1);
-        assert_eq!(s.status_report(0).unwrap().unexported_rows, 1);
+        // A's staged row and B's new one.
+        assert_eq!(s.status_report(0).unwrap().unexported_rows, 2);
     }
 
     /// A visitor's error stops the visit and is returned as is.

@@ -4,6 +4,7 @@
 mod core;
 mod daemon;
 mod genauth;
+mod hardening;
 mod settle;
 mod util;
 mod warehouse;
