@@ -382,10 +382,7 @@ pub async fn run_daemon(
             .await
             .map_err(|e| RunError::Task(e.to_string()))??;
     }
-    std::fs::create_dir_all(&settings.output.dir).map_err(|source| OutputError::Create {
-        path: settings.output.dir.clone(),
-        source,
-    })?;
+    crate::output::layout::create_dirs(Path::new(""), &settings.output.dir)?;
     engine.prepare().await?;
     let last_commit = {
         let store = engine.store.clone();

@@ -860,11 +860,7 @@ pub async fn run(
         .await
         .map_err(task_error)??;
     }
-    let out_dir = settings.output.dir.clone();
-    std::fs::create_dir_all(&out_dir).map_err(|source| OutputError::Create {
-        path: out_dir,
-        source,
-    })?;
+    layout::create_dirs(Path::new(""), &settings.output.dir)?;
     let engine = Arc::new(Engine::open(settings.clone()).await?);
     let run_started = engine.clock.now();
     let run_id = new_run_id(run_started);

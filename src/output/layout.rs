@@ -255,12 +255,26 @@ impl BatchKey {
 }
 
 /// `mkdir -p root/rel`, fsyncing the parent of every directory it creates so
-/// that the new directory entries survive a crash.
+/// that the new directory entries survive a crash. A path that exists but is
+/// not a directory is an error saying so.
 pub fn create_dirs(root: &Path, rel: &Path) -> Result<(), OutputError> {
+    let target = root.join(rel);
+    let not_a_dir = |path: &Path| OutputError::CreateDir {
+        path: path.to_owned(),
+        source: io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            "it exists and is not a directory",
+        ),
+    };
     let mut missing = Vec::new();
-    let mut cur = root.join(rel);
-    while !cur.exists() {
-        missing.push(cur.clone());
+    let mut cur = target.clone();
+    loop {
+        match std::fs::metadata(&cur) {
+            Ok(m) if m.is_dir() => break,
+            Ok(_) => return Err(not_a_dir(&cur)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => missing.push(cur.clone()),
+            Err(source) => return Err(OutputError::CreateDir { path: cur, source }),
+        }
         match cur.parent() {
             Some(p) if !p.as_os_str().is_empty() => cur = p.to_owned(),
             _ => break,
@@ -269,9 +283,10 @@ pub fn create_dirs(root: &Path, rel: &Path) -> Result<(), OutputError> {
     for dir in missing.iter().rev() {
         match std::fs::create_dir(dir) {
             Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists && dir.is_dir() => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Err(not_a_dir(dir)),
             Err(source) => {
-                return Err(OutputError::Create {
+                return Err(OutputError::CreateDir {
                     path: dir.clone(),
                     source,
                 });
@@ -395,5 +410,13 @@ mod tests {
         assert!(root.path().join("a/b=1/c").is_dir());
         create_dirs(root.path(), Path::new("a/b=1/c")).unwrap();
         create_dirs(root.path(), Path::new("")).unwrap();
+        std::fs::write(root.path().join("file"), b"x").unwrap();
+        for rel in ["file", "file/sub"] {
+            let e = create_dirs(root.path(), Path::new(rel)).unwrap_err();
+            assert!(matches!(e, OutputError::CreateDir { .. }), "{e:?}");
+            let msg = format!("{e}: {}", std::error::Error::source(&e).unwrap());
+            assert!(msg.contains("cannot create output directory"), "{msg}");
+            assert!(msg.contains("/file"), "{msg}");
+        }
     }
 }

@@ -261,6 +261,12 @@ pub enum OutputError {
         #[source]
         source: io::Error,
     },
+    #[error("cannot create output directory {path}")]
+    CreateDir {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
     #[error("cannot write output file {path}")]
     Write {
         path: PathBuf,
@@ -305,6 +311,7 @@ impl OutputError {
     pub fn io_error(&self) -> Option<&io::Error> {
         match self {
             OutputError::Create { source, .. }
+            | OutputError::CreateDir { source, .. }
             | OutputError::Write { source, .. }
             | OutputError::Sync { source, .. }
             | OutputError::Rename { source, .. }

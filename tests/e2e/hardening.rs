@@ -664,7 +664,8 @@ async fn unwritable_output_fails_clearly_and_a_rerun_writes_the_rows() {
     let err = stderr(&out);
     assert_eq!(out.status.code(), Some(4), "{err}");
     // Paths in messages are as configured (relative to the config file here).
-    assert!(err.contains("cannot create output file out"), "{err}");
+    assert!(err.contains("cannot create output directory out"), "{err}");
+    assert!(err.contains("exists and is not a directory"), "{err}");
     assert!(!err.contains("panicked"), "{err}");
     assert_eq!(server.counters().snapshot().total_requests, 0);
     std::fs::remove_file(ws.path("out")).unwrap();
@@ -686,7 +687,7 @@ async fn unwritable_output_fails_clearly_and_a_rerun_writes_the_rows() {
     let out = child.wait_with_output().await.unwrap();
     let err = stderr(&out);
     assert_eq!(out.status.code(), Some(4), "{err}");
-    assert!(err.contains("output file out"), "{err}");
+    assert!(err.contains("output directory out"), "{err}");
     let requests = counters.snapshot().payprotocol_detail_requests;
     // pending, confirming, paid: three rows per order, none exported.
     assert_eq!(status_json(&ws).await["unexported_rows"], 3 * orders.len());
