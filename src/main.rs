@@ -76,6 +76,9 @@ async fn dispatch(command: Command) -> u8 {
         Command::Run(args) => match run(args).await {
             Ok(report) => {
                 println!("{report}");
+                if let Some(e) = &report.auth_error {
+                    eprintln!("paysync: error: authentication rejected by the provider: {e}");
+                }
                 run_exit_code(&report)
             }
             Err(e) => {

@@ -308,6 +308,12 @@ async fn wrong_secret_exits_3_after_few_requests() {
     let c = server.counters().snapshot();
     assert!(c.total_requests < 20, "{c:?}");
     assert!(c.unauthorized >= 1);
+    // The reason is on stderr too (where logs and alerting look), not only in the summary.
+    assert!(
+        stderr(&out).contains("paysync: error: authentication rejected by the provider: HTTP 401"),
+        "{}",
+        stderr(&out)
+    );
     for text in [stdout(&out), stderr(&out)] {
         assert!(!text.contains(wrong));
         assert!(!text.contains(SECRET));
