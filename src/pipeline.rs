@@ -600,9 +600,16 @@ impl Engine {
     /// Polls one order: fetch with retries, then the tracker's decision. `Err` carries
     /// an authentication failure (the run stops).
     async fn poll_one(&self, due: DueOrder) -> Result<PollRecord, String> {
+        let DueOrder {
+            order_no,
+            payment_no,
+            first_seen_at,
+            polls,
+            status: _,
+        } = due;
         let order = OrderRef {
-            order_no: due.order_no.clone(),
-            payment_no: due.payment_no.clone(),
+            order_no,
+            payment_no,
         };
         let polled = fetch::fetch_order(
             &self.provider,
@@ -620,7 +627,7 @@ impl Engine {
             },
             Err(FetchError::Auth(m)) => return Err(m),
             Err(e) => {
-                tracing::warn!(order = %due.order_no, attempts = polled.attempts, error = %e, "order fetch failed");
+                tracing::warn!(order = %order.order_no, attempts = polled.attempts, error = %e, "order fetch failed");
                 PollOutcome::Failed {
                     status: PayStatus::Error,
                     reason: format!("{e} (after {} attempts)", polled.attempts),
@@ -631,16 +638,16 @@ impl Engine {
         let (tracking, next_poll_at) = tracker::decide(
             &self.schedule,
             outcome.status(),
-            due.first_seen_at,
+            first_seen_at,
             now,
-            due.polls + 1,
+            polls + 1,
         );
         if tracking == Tracking::Deadline {
-            tracing::info!(order = %due.order_no, status = %outcome.status(), "deadline passed unsettled; tracking stops");
+            tracing::info!(order = %order.order_no, status = %outcome.status(), "deadline passed unsettled; tracking stops");
         }
         Ok(PollRecord {
             provider: self.kind,
-            order_no: due.order_no,
+            order_no: order.order_no,
             observed_at: now,
             attempts: polled.attempts,
             outcome,

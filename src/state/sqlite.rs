@@ -639,7 +639,6 @@ impl StateStore for SqliteStore {
                 let provider = p.provider.as_str();
                 let order_no = p.order_no.as_str();
                 let status = p.outcome.status();
-                let pair = observed_pair(status, p.tracking);
 
                 // `fresh`: the order's input and first-seen time, when this poll
                 // observes a (status, tracking) pair for the first time.
@@ -652,12 +651,13 @@ impl StateStore for SqliteStore {
                     })?;
                     let calls = parse_u32("api_calls", row.get(1)?)?.saturating_add(p.attempts);
                     let observed = text(row.get_ref(2)?, "observed pairs")?;
-                    let fresh = if observed.split(' ').any(|seen| seen == pair) {
+                    let fresh = if has_observed(observed, status, p.tracking) {
                         None
                     } else {
                         let input = text(row.get_ref(3)?, "input columns")?.to_owned();
+                        let pair = observed_pair(status, p.tracking);
                         let observed = if observed.is_empty() {
-                            pair.clone()
+                            pair
                         } else {
                             format!("{observed} {pair}")
                         };
@@ -1043,6 +1043,15 @@ fn save_queue_position(tx: &Transaction<'_>, q: &QueuePosition) -> Result<(), St
 /// neither name contains a space).
 fn observed_pair(status: PayStatus, tracking: Tracking) -> String {
     format!("{}/{}", status.as_str(), tracking.as_str())
+}
+
+/// Whether `observed` (an `orders.observed` value) lists the pair, without
+/// building its text.
+fn has_observed(observed: &str, status: PayStatus, tracking: Tracking) -> bool {
+    let pair = (status.as_str(), tracking.as_str());
+    observed
+        .split(' ')
+        .any(|seen| seen.split_once('/') == Some(pair))
 }
 
 /// The output row for poll `p` of an order with `api_calls` calls so far.
