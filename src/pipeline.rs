@@ -50,6 +50,8 @@ const RECORD_BATCH: usize = 512;
 /// Short against any poll interval; long enough that an unthrottled run writes
 /// hundreds of records per transaction instead of a few.
 const RECORD_LINGER: Duration = Duration::from_millis(50);
+/// The dispatcher waits for `concurrency / this` free permits at a time.
+const PERMITS_PER_WAKE_DIVISOR: usize = 16;
 /// Due orders claimed per state call at most (the dispatcher's local queue).
 const CLAIM_PAGE: usize = 1024;
 /// A claimed page holds about this long of work at the configured rate, so that a
@@ -506,38 +508,51 @@ impl Engine {
                     ready.extend(claimed);
                 }
                 if !ready.is_empty() {
-                    // One order per free permit; waiting here is waiting for a poll
-                    // to finish.
-                    let permit = tokio::select! {
-                        p = sem.clone().acquire_owned() => p.expect("semaphore open"),
+                    // Waiting here is waiting for polls to finish. Permits are taken
+                    // a few at a time, so the dispatcher wakes once per few finished
+                    // polls rather than once per poll.
+                    let want = ready.len().min(permit_batch(concurrency));
+                    let mut permits = Some(tokio::select! {
+                        p = sem.clone().acquire_many_owned(u32::try_from(want).unwrap_or(1)) => {
+                            p.expect("semaphore open")
+                        }
                         _ = abort.cancelled() => break,
-                    };
-                    let Some(due) = ready.pop_front() else {
-                        continue;
-                    };
-                    inflight.fetch_add(1, Ordering::SeqCst);
-                    let engine = self.clone();
-                    let tx = tx.clone();
-                    let auth_error = auth_error.clone();
-                    let abort = abort.clone();
-                    let inflight = inflight.clone();
-                    tasks.spawn(async move {
-                        let rec = engine.poll_one(due).await;
-                        drop(permit);
-                        match rec {
-                            Ok(rec) => {
-                                if tx.send(rec).await.is_err() {
+                    });
+                    // `want <= ready.len()`: every permit gets an order.
+                    while let Some(mut held) = permits.take() {
+                        let Some(due) = ready.pop_front() else { break };
+                        let permit = if held.num_permits() > 1 {
+                            let one = held.split(1).expect("more than one permit held");
+                            permits = Some(held);
+                            one
+                        } else {
+                            held
+                        };
+                        inflight.fetch_add(1, Ordering::SeqCst);
+                        let engine = self.clone();
+                        let tx = tx.clone();
+                        let auth_error = auth_error.clone();
+                        let abort = abort.clone();
+                        let inflight = inflight.clone();
+                        tasks.spawn(async move {
+                            let rec = engine.poll_one(due).await;
+                            drop(permit);
+                            match rec {
+                                Ok(rec) => {
+                                    if tx.send(rec).await.is_err() {
+                                        inflight.fetch_sub(1, Ordering::SeqCst);
+                                    }
+                                }
+                                Err(msg) => {
                                     inflight.fetch_sub(1, Ordering::SeqCst);
+                                    let mut g =
+                                        auth_error.lock().unwrap_or_else(|e| e.into_inner());
+                                    g.get_or_insert(msg);
+                                    abort.cancel();
                                 }
                             }
-                            Err(msg) => {
-                                inflight.fetch_sub(1, Ordering::SeqCst);
-                                let mut g = auth_error.lock().unwrap_or_else(|e| e.into_inner());
-                                g.get_or_insert(msg);
-                                abort.cancel();
-                            }
-                        }
-                    });
+                        });
+                    }
                     continue;
                 }
                 if !*ingest_done.borrow() || inflight.load(Ordering::SeqCst) > 0 {
@@ -808,6 +823,13 @@ fn claim_page(rate_limit: f64, concurrency: usize) -> usize {
     span.max(concurrency).clamp(1, CLAIM_PAGE.max(concurrency))
 }
 
+/// How many concurrency permits the dispatcher takes at once: one per
+/// [`PERMITS_PER_WAKE_DIVISOR`]th of `concurrency`, at least one. The few permits
+/// a batch waits for are idle meanwhile, a small share of `concurrency`.
+fn permit_batch(concurrency: usize) -> usize {
+    (concurrency / PERMITS_PER_WAKE_DIVISOR).max(1)
+}
+
 /// Collects poll records into batched state transactions: a batch is written once
 /// it holds [`RECORD_BATCH`] records or its first record is [`RECORD_LINGER`] old,
 /// and records keep arriving while the previous batch is written.
@@ -1065,6 +1087,17 @@ mod tests {
         assert_eq!(claim_page(0.01, 1), 1);
         assert_eq!(claim_page(0.01, 0), 1);
         assert_eq!(claim_page(f64::INFINITY, 8), CLAIM_PAGE);
+    }
+
+    /// Permits are taken a sixteenth of `concurrency` at a time, at least one:
+    /// small concurrency (the quota scenario's 16) is dispatched one by one.
+    #[test]
+    fn permit_batches() {
+        assert_eq!(permit_batch(1), 1);
+        assert_eq!(permit_batch(16), 1);
+        assert_eq!(permit_batch(64), 4);
+        assert_eq!(permit_batch(128), 8);
+        assert_eq!(permit_batch(0), 1);
     }
 
     fn record(n: u32) -> PollRecord {
