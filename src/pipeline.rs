@@ -556,11 +556,25 @@ impl Engine {
                     continue;
                 }
                 if !*ingest_done.borrow() || inflight.load(Ordering::SeqCst) > 0 {
+                    // Wake for new input, a recorded batch (leases released), or the
+                    // next unleased order falling due, which nothing else signals
+                    // while records wait for their batch.
+                    let next = self
+                        .blocking(move |s| s.next_due_at(kind))
+                        .await?
+                        .filter(|next| wait_until.is_none_or(|limit| *next <= limit));
+                    let due = async {
+                        match next {
+                            Some(t) => tokio::time::sleep_until(self.clock.instant_at(t)).await,
+                            None => std::future::pending().await,
+                        }
+                    };
                     tokio::select! {
                         _ = new_work.notified() => {}
                         _ = recorded.notified() => {}
                         _ = ingest_done.changed() => {}
                         _ = abort.cancelled() => {}
+                        () = due => {}
                     }
                     continue;
                 }
