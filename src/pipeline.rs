@@ -14,7 +14,7 @@
 //! committed. At start, a batch left staged is finished (its manifest verifies) or
 //! rewritten from the state store under the same name.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::fmt;
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -30,7 +30,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{ConfigError, ProviderSettings, Settings};
 use crate::fetch::{self, Limiter, Stats, Transport};
 use crate::input::{self, InputError, InputSpec, RejectsWriter};
-use crate::model::{PayStatus, Tracking};
+use crate::model::{OrderNo, PayStatus, Tracking};
 use crate::output::layout::{self, BatchKey};
 use crate::output::{self, Encoding, Format, Manifest, ManifestExtra, OutputError};
 use crate::provider::{
@@ -47,6 +47,17 @@ use crate::tracker::{self, Schedule};
 const INGEST_BATCH: usize = 1000;
 /// Poll results recorded per state transaction at most.
 const RECORD_BATCH: usize = 512;
+/// How long a poll record may wait for others to share its state transaction.
+/// Short against any poll interval; long enough that an unthrottled run writes
+/// hundreds of records per transaction instead of a few.
+const RECORD_LINGER: Duration = Duration::from_millis(50);
+/// The dispatcher waits for `concurrency / this` free permits at a time.
+const PERMITS_PER_WAKE_DIVISOR: usize = 16;
+/// Due orders claimed per state call at most (the dispatcher's local queue).
+const CLAIM_PAGE: usize = 1024;
+/// A claimed page holds about this long of work at the configured rate, so that a
+/// slow rate does not hold orders (due earlier than later ones) in the queue.
+const CLAIM_SPAN: Duration = Duration::from_secs(2);
 /// How long a claimed order is leased before another claimer may take it.
 const LEASE: Duration = Duration::from_secs(600);
 /// After shutdown is requested, in-flight requests get this long to finish.
@@ -461,37 +472,62 @@ impl Engine {
         // claimed, which ends the run even when polls are slower than the schedule.
         let mut wait_until: Option<DateTime<Utc>> = None;
         let mut tasks = tokio::task::JoinSet::new();
+        let kind = self.kind;
+        let page = claim_page(self.settings.fetch.rate_limit, concurrency);
+        // Claimed orders not yet started, earliest due first, and when they were
+        // claimed (their leases run from then).
+        let mut ready: VecDeque<DueOrder> = VecDeque::with_capacity(page);
+        let mut claimed_at = Instant::now();
         let result: Result<(), RunError> = async {
             loop {
                 if abort.is_cancelled() {
                     break;
                 }
                 while tasks.try_join_next().is_some() {}
-                let free = sem.available_permits();
-                if free == 0 {
-                    tokio::select! {
-                        _ = recorded.notified() => {}
-                        _ = abort.cancelled() => {}
-                    }
-                    continue;
-                }
                 if let (PollUntil::IdleFor(wait), None, true) =
                     (until, wait_until, *ingest_done.borrow())
                 {
                     let wait = chrono::TimeDelta::from_std(wait).unwrap_or(chrono::TimeDelta::MAX);
                     wait_until = Some(self.clock.now() + wait);
                 }
-                let now = match wait_until {
-                    Some(limit) => self.clock.now().min(limit),
-                    None => self.clock.now(),
-                };
-                let kind = self.kind;
-                let claimed = self
-                    .blocking(move |s| s.claim_due(kind, now, free, LEASE))
-                    .await?;
-                if !claimed.is_empty() {
-                    for due in claimed {
-                        let permit = sem.clone().acquire_owned().await.expect("semaphore open");
+                if !ready.is_empty() && claimed_at.elapsed() >= LEASE / 2 {
+                    // Dispatch stalled (a long throttling pause): hand the page back
+                    // before its leases could run out, and claim afresh.
+                    let stale: Vec<OrderNo> = ready.drain(..).map(|d| d.order_no).collect();
+                    self.blocking(move |s| s.release(kind, &stale)).await?;
+                }
+                if ready.is_empty() {
+                    let now = match wait_until {
+                        Some(limit) => self.clock.now().min(limit),
+                        None => self.clock.now(),
+                    };
+                    let claimed = self
+                        .blocking(move |s| s.claim_due(kind, now, page, LEASE))
+                        .await?;
+                    claimed_at = Instant::now();
+                    ready.extend(claimed);
+                }
+                if !ready.is_empty() {
+                    // Waiting here is waiting for polls to finish. Permits are taken
+                    // a few at a time, so the dispatcher wakes once per few finished
+                    // polls rather than once per poll.
+                    let want = ready.len().min(permit_batch(concurrency));
+                    let mut permits = Some(tokio::select! {
+                        p = sem.clone().acquire_many_owned(u32::try_from(want).unwrap_or(1)) => {
+                            p.expect("semaphore open")
+                        }
+                        _ = abort.cancelled() => break,
+                    });
+                    // `want <= ready.len()`: every permit gets an order.
+                    while let Some(mut held) = permits.take() {
+                        let Some(due) = ready.pop_front() else { break };
+                        let permit = if held.num_permits() > 1 {
+                            let one = held.split(1).expect("more than one permit held");
+                            permits = Some(held);
+                            one
+                        } else {
+                            held
+                        };
                         inflight.fetch_add(1, Ordering::SeqCst);
                         let engine = self.clone();
                         let tx = tx.clone();
@@ -520,16 +556,29 @@ impl Engine {
                     continue;
                 }
                 if !*ingest_done.borrow() || inflight.load(Ordering::SeqCst) > 0 {
+                    // Wake for new input, a recorded batch (leases released), or the
+                    // next unleased order falling due, which nothing else signals
+                    // while records wait for their batch.
+                    let next = self
+                        .blocking(move |s| s.next_due_at(kind))
+                        .await?
+                        .filter(|next| wait_until.is_none_or(|limit| *next <= limit));
+                    let due = async {
+                        match next {
+                            Some(t) => tokio::time::sleep_until(self.clock.instant_at(t)).await,
+                            None => std::future::pending().await,
+                        }
+                    };
                     tokio::select! {
                         _ = new_work.notified() => {}
                         _ = recorded.notified() => {}
                         _ = ingest_done.changed() => {}
                         _ = abort.cancelled() => {}
+                        () = due => {}
                     }
                     continue;
                 }
                 // Idle: input read, nothing in flight, nothing due now.
-                let kind = self.kind;
                 let Some(next) = self.blocking(move |s| s.next_due_at(kind)).await? else {
                     match until {
                         PollUntil::IdleFor(_) => break,
@@ -556,6 +605,13 @@ impl Engine {
             Ok(())
         }
         .await;
+        // Orders claimed but never started stay due: give their leases back.
+        let unstarted: Vec<OrderNo> = ready.drain(..).map(|d| d.order_no).collect();
+        let released = if unstarted.is_empty() {
+            Ok(())
+        } else {
+            self.blocking(move |s| s.release(kind, &unstarted)).await
+        };
         // Let in-flight polls finish (bounded), then flush the recorder.
         let drain = async { while tasks.join_next().await.is_some() {} };
         if tokio::time::timeout(SHUTDOWN_GRACE, drain).await.is_err() {
@@ -565,6 +621,7 @@ impl Engine {
         drop(tx);
         recorder.await.map_err(task_error)??;
         result?;
+        released?;
         let auth = auth_error.lock().unwrap_or_else(|e| e.into_inner()).take();
         Ok(auth)
     }
@@ -572,9 +629,16 @@ impl Engine {
     /// Polls one order: fetch with retries, then the tracker's decision. `Err` carries
     /// an authentication failure (the run stops).
     async fn poll_one(&self, due: DueOrder) -> Result<PollRecord, String> {
+        let DueOrder {
+            order_no,
+            payment_no,
+            first_seen_at,
+            polls,
+            status: _,
+        } = due;
         let order = OrderRef {
-            order_no: due.order_no.clone(),
-            payment_no: due.payment_no.clone(),
+            order_no,
+            payment_no,
         };
         let polled = fetch::fetch_order(
             &self.provider,
@@ -592,7 +656,7 @@ impl Engine {
             },
             Err(FetchError::Auth(m)) => return Err(m),
             Err(e) => {
-                tracing::warn!(order = %due.order_no, attempts = polled.attempts, error = %e, "order fetch failed");
+                tracing::warn!(order = %order.order_no, attempts = polled.attempts, error = %e, "order fetch failed");
                 PollOutcome::Failed {
                     status: PayStatus::Error,
                     reason: format!("{e} (after {} attempts)", polled.attempts),
@@ -603,16 +667,16 @@ impl Engine {
         let (tracking, next_poll_at) = tracker::decide(
             &self.schedule,
             outcome.status(),
-            due.first_seen_at,
+            first_seen_at,
             now,
-            due.polls + 1,
+            polls + 1,
         );
         if tracking == Tracking::Deadline {
-            tracing::info!(order = %due.order_no, status = %outcome.status(), "deadline passed unsettled; tracking stops");
+            tracing::info!(order = %order.order_no, status = %outcome.status(), "deadline passed unsettled; tracking stops");
         }
         Ok(PollRecord {
             provider: self.kind,
-            order_no: due.order_no,
+            order_no: order.order_no,
             observed_at: now,
             attempts: polled.attempts,
             outcome,
@@ -796,7 +860,32 @@ pub enum PollUntil {
     Forever,
 }
 
-/// Collects poll records into batched state transactions.
+/// How many due orders the dispatcher claims per state call: [`CLAIM_SPAN`] of work
+/// at `rate_limit` requests per second, at least one per concurrency permit, at most
+/// [`CLAIM_PAGE`] (or `concurrency` if that is larger).
+fn claim_page(rate_limit: f64, concurrency: usize) -> usize {
+    let span = rate_limit * CLAIM_SPAN.as_secs_f64();
+    let span = if span.is_finite() && span >= 1.0 {
+        // Truncation is intended; the cap keeps the value small.
+        span.min(CLAIM_PAGE as f64) as usize
+    } else if span.is_finite() {
+        1
+    } else {
+        CLAIM_PAGE
+    };
+    span.max(concurrency).clamp(1, CLAIM_PAGE.max(concurrency))
+}
+
+/// How many concurrency permits the dispatcher takes at once: one per
+/// [`PERMITS_PER_WAKE_DIVISOR`]th of `concurrency`, at least one. The few permits
+/// a batch waits for are idle meanwhile, a small share of `concurrency`.
+fn permit_batch(concurrency: usize) -> usize {
+    (concurrency / PERMITS_PER_WAKE_DIVISOR).max(1)
+}
+
+/// Collects poll records into batched state transactions: a batch is written once
+/// it holds [`RECORD_BATCH`] records or its first record is [`RECORD_LINGER`] old,
+/// and records keep arriving while the previous batch is written.
 async fn record_loop(
     store: Arc<dyn StateStore>,
     run_id: String,
@@ -806,7 +895,7 @@ async fn record_loop(
     progress: Option<indicatif::ProgressBar>,
 ) -> Result<(), RunError> {
     let mut buf = Vec::with_capacity(RECORD_BATCH);
-    while rx.recv_many(&mut buf, RECORD_BATCH).await > 0 {
+    while next_record_batch(&mut rx, &mut buf).await > 0 {
         let n = buf.len();
         let store2 = store.clone();
         let run = run_id.clone();
@@ -825,6 +914,27 @@ async fn record_loop(
         recorded.notify_one();
     }
     Ok(())
+}
+
+/// Fills `buf` (empty on entry) with the next batch of records: waits for the first,
+/// then takes more until the batch is full, [`RECORD_LINGER`] has passed, or the
+/// channel is closed. Returns the batch size; 0 once the channel is closed and empty.
+async fn next_record_batch(
+    rx: &mut mpsc::Receiver<PollRecord>,
+    buf: &mut Vec<PollRecord>,
+) -> usize {
+    if rx.recv_many(buf, RECORD_BATCH).await == 0 {
+        return 0;
+    }
+    let deadline = Instant::now() + RECORD_LINGER;
+    while buf.len() < RECORD_BATCH {
+        let room = RECORD_BATCH - buf.len();
+        tokio::select! {
+            n = rx.recv_many(buf, room) => if n == 0 { break },
+            () = tokio::time::sleep_until(deadline) => break,
+        }
+    }
+    buf.len()
 }
 
 /// Input specs for paths, with the config's column settings.
@@ -1013,6 +1123,85 @@ pub async fn run(
 mod tests {
     use super::*;
     use std::collections::BTreeSet;
+
+    /// A claimed page is about two seconds of work at the configured rate, never
+    /// less than one order per concurrency permit, never more than [`CLAIM_PAGE`]
+    /// (unless concurrency is larger); odd rates still give at least one order.
+    #[test]
+    fn claim_page_sizes() {
+        assert_eq!(claim_page(20.0, 16), 40);
+        assert_eq!(claim_page(20.0, 64), 64);
+        assert_eq!(claim_page(1_000_000.0, 128), CLAIM_PAGE);
+        assert_eq!(claim_page(1_000_000.0, 4096), 4096);
+        assert_eq!(claim_page(0.01, 1), 1);
+        assert_eq!(claim_page(0.01, 0), 1);
+        assert_eq!(claim_page(f64::INFINITY, 8), CLAIM_PAGE);
+    }
+
+    /// Permits are taken a sixteenth of `concurrency` at a time, at least one:
+    /// small concurrency (the quota scenario's 16) is dispatched one by one.
+    #[test]
+    fn permit_batches() {
+        assert_eq!(permit_batch(1), 1);
+        assert_eq!(permit_batch(16), 1);
+        assert_eq!(permit_batch(64), 4);
+        assert_eq!(permit_batch(128), 8);
+        assert_eq!(permit_batch(0), 1);
+    }
+
+    fn record(n: u32) -> PollRecord {
+        PollRecord {
+            provider: ProviderKind::PayProtocol,
+            order_no: crate::model::OrderNo::parse(&format!("R-{n}")).unwrap(),
+            observed_at: DateTime::from_timestamp(1_700_000_000, 0).unwrap(),
+            attempts: 1,
+            outcome: PollOutcome::Failed {
+                status: PayStatus::Error,
+                reason: "test".into(),
+            },
+            tracking: Tracking::Polling,
+            next_poll_at: None,
+        }
+    }
+
+    /// Records are batched: a batch waits up to [`RECORD_LINGER`] after its first
+    /// record for more, is cut at [`RECORD_BATCH`], and the last one is flushed when
+    /// the channel closes; a closed, empty channel ends the loop.
+    #[tokio::test(start_paused = true)]
+    async fn record_batches_linger_fill_and_flush() {
+        let (tx, mut rx) = mpsc::channel(RECORD_BATCH * 2);
+        let mut buf = Vec::new();
+
+        // Two records now, one more within the linger: one batch of three, taken
+        // when the linger ends.
+        tx.send(record(1)).await.unwrap();
+        tx.send(record(2)).await.unwrap();
+        let late = tx.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(RECORD_LINGER / 2).await;
+            late.send(record(3)).await.unwrap();
+        });
+        let start = Instant::now();
+        assert_eq!(next_record_batch(&mut rx, &mut buf).await, 3);
+        assert_eq!(Instant::now() - start, RECORD_LINGER);
+        buf.clear();
+
+        // A full batch is taken at once, without waiting; the rest is the next batch.
+        for n in 0..RECORD_BATCH as u32 + 5 {
+            tx.send(record(n)).await.unwrap();
+        }
+        let start = Instant::now();
+        assert_eq!(next_record_batch(&mut rx, &mut buf).await, RECORD_BATCH);
+        assert_eq!(Instant::now(), start);
+        buf.clear();
+
+        // Closing the channel flushes what is left at once, then ends the loop.
+        drop(tx);
+        assert_eq!(next_record_batch(&mut rx, &mut buf).await, 5);
+        assert_eq!(Instant::now(), start);
+        buf.clear();
+        assert_eq!(next_record_batch(&mut rx, &mut buf).await, 0);
+    }
 
     /// Driven by paused tokio time, the dispatcher's clock and sleeps follow the
     /// poll schedule exactly: each re-poll of a pending order falls due after the

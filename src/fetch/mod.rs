@@ -156,19 +156,32 @@ impl Transport {
                 limit: self.max_body,
             });
         }
-        let mut body = BytesMut::new();
+        // Most answers arrive as one chunk: kept as is, without a copy.
+        let mut first: Option<Bytes> = None;
+        let mut more = BytesMut::new();
+        let mut len = 0usize;
         while let Some(chunk) = resp.chunk().await.map_err(transport_error)? {
-            if body.len() + chunk.len() > self.max_body {
+            len += chunk.len();
+            if len > self.max_body {
                 return Err(FetchError::TooLarge {
                     limit: self.max_body,
                 });
             }
-            body.extend_from_slice(&chunk);
+            match first.take() {
+                None if more.is_empty() => first = Some(chunk),
+                None => more.extend_from_slice(&chunk),
+                Some(head) => {
+                    more.reserve(len);
+                    more.extend_from_slice(&head);
+                    more.extend_from_slice(&chunk);
+                }
+            }
         }
+        let body = first.unwrap_or_else(|| more.freeze());
         Ok(RawResponse {
             status,
             retry_after,
-            body: body.freeze(),
+            body,
         })
     }
 }

@@ -2,7 +2,9 @@
 //! due, and which observation rows have been exported. The pipeline only sees the
 //! [`StateStore`] trait; `sqlite` is the embedded default. A shared backend
 //! (PostgreSQL, several instances) implements the same trait: `claim_due` leases
-//! orders so that two claimers never poll the same order at once.
+//! orders so that two claimers never poll the same order at once. Where the leases
+//! live is the backend's business: a shared database keeps them in its rows, the
+//! SQLite store (one process, holding an exclusive lock) keeps them in memory.
 //!
 //! Types:
 //! - [`NewOrder`] / [`Admission`]: registering input orders (deduplicated).
@@ -203,7 +205,9 @@ pub trait StateStore: Send + Sync {
     ) -> Result<Vec<Admission>, StateError>;
 
     /// Leases up to `limit` orders of `provider` that are being tracked, due at
-    /// `now` and not leased, earliest due first, for `lease`.
+    /// `now` and not leased, earliest due first, for `lease`. A lease ends when the
+    /// order's poll is recorded, when it is released, or after `lease`; callers
+    /// claim pages of orders and keep the ones not yet dispatched well within it.
     fn claim_due(
         &self,
         provider: ProviderKind,

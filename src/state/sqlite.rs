@@ -9,15 +9,23 @@
 //! `<path>.lock` is an advisory lock (`flock`, via `File::try_lock`) held for the
 //! store's lifetime, so a second paysync on the same state fails fast with
 //! [`StateError::Locked`] instead of waiting on SQLite locks. New files are created
-//! mode `0600` (SQLite gives the WAL files the database's mode). Because the lock is
-//! exclusive, leases left by a crashed process are cleared at open.
+//! mode `0600` (SQLite gives the WAL files the database's mode).
+//!
+//! # Leases
+//! Because the lock is exclusive, this process is the only claimer, so leases live
+//! in memory (order rowid -> lease end) instead of in the file: claiming due orders
+//! is a read, not a write of every claimed row, and a crash drops every lease with
+//! the process. The `lease_until` column stays in the schema (a shared backend keeps
+//! its leases in its rows) and is cleared at open for files an older build wrote.
+//! Rowids of `orders` are stable while the store is open: paysync never runs
+//! `VACUUM`, and the lock keeps other paysync processes out.
 //!
 //! # Schema (version [`super::SCHEMA_VERSION`], in `PRAGMA user_version`)
 //! - `orders`: one row per (provider, order_no): the input row (`input`, JSON array of
 //!   `[name, value]` pairs in input order), where it was first read (`source`,
 //!   `line`, `first_run`, `first_seen_at`), the last poll (`status`,
 //!   `provider_status`, `last_error`, `last_run`, `last_observed_at`), the schedule
-//!   (`tracking`, `next_poll_at`, `lease_until`), counters (`polls`: poll cycles, for
+//!   (`tracking`, `next_poll_at`, `lease_until`: unused, see Leases), counters (`polls`: poll cycles, for
 //!   backoff; `api_calls`: HTTP attempts, the output `polls` column) and `observed`:
 //!   the (status, tracking) pairs already written as observation rows
 //!   (`"pending/polling paid/settled"`). Indexed by (provider, tracking,
@@ -51,6 +59,7 @@
 //! rows are handed to the output writer, the staging (and everything before it) is
 //! on disk: a row never lands in two files.
 
+use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions, TryLockError};
 use std::io;
 use std::path::{Path, PathBuf};
@@ -171,6 +180,9 @@ pub struct SqliteStore {
     /// Long reads (exporting a batch, the status report) on their own WAL snapshot,
     /// so that polling goes on while a batch is written out.
     reader: Mutex<Connection>,
+    /// Orders claimed and not yet recorded or released: rowid -> lease end (unix
+    /// ms). Locked only after `conn` when both are needed.
+    leases: Mutex<HashMap<i64, i64>>,
     path: PathBuf,
     /// The exclusive lock; `None` for a read-only store ([`SqliteStore::open_read_only`]).
     _lock: Option<File>,
@@ -239,6 +251,7 @@ impl SqliteStore {
         Ok(SqliteStore {
             conn: Mutex::new(conn),
             reader: Mutex::new(reader),
+            leases: Mutex::default(),
             path: path.to_owned(),
             _lock: Some(lock),
         })
@@ -284,6 +297,7 @@ impl SqliteStore {
         Ok(SqliteStore {
             conn: Mutex::new(conn),
             reader: Mutex::new(open()?),
+            leases: Mutex::default(),
             path: path.to_owned(),
             _lock: None,
         })
@@ -298,6 +312,11 @@ impl SqliteStore {
     /// (an unfinished [`Transaction`] rolls back on drop), so poisoning is ignored.
     fn conn(&self) -> MutexGuard<'_, Connection> {
         self.conn.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The in-memory leases (see the module documentation).
+    fn leases(&self) -> MutexGuard<'_, HashMap<i64, i64>> {
+        self.leases.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Runs `f` in one write transaction (`BEGIN IMMEDIATE`) and commits it.
@@ -519,6 +538,8 @@ impl StateStore for SqliteStore {
         })
     }
 
+    /// A read, not a write: the leases are kept in memory (see the module
+    /// documentation). Leased orders are skipped by rowid before their row is read.
     fn claim_due(
         &self,
         provider: ProviderKind,
@@ -528,22 +549,27 @@ impl StateStore for SqliteStore {
     ) -> Result<Vec<DueOrder>, StateError> {
         let now = to_ms(now);
         let until = now.saturating_add(duration_ms(lease));
-        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        self.write(|tx| {
+        let mut out = Vec::with_capacity(limit.min(4096));
+        if limit == 0 {
+            return Ok(out);
+        }
+        let mut claimed = Vec::with_capacity(limit.min(4096));
+        self.read(|tx| {
+            // No LIMIT: leased orders are skipped here, and rows are only produced as
+            // they are stepped through (the `orders_due` index gives the order).
             let mut due = tx.prepare_cached(
                 "SELECT rowid, order_no, payment_no, first_seen_at, polls, status
                  FROM orders
                  WHERE provider = ?1 AND tracking = 'polling' AND next_poll_at <= ?2
-                   AND (lease_until IS NULL OR lease_until <= ?2)
-                 ORDER BY next_poll_at
-                 LIMIT ?3",
+                 ORDER BY next_poll_at",
             )?;
-            let mut set_lease =
-                tx.prepare_cached("UPDATE orders SET lease_until = ?2 WHERE rowid = ?1")?;
-            let mut rows = due.query(params![provider.as_str(), now, limit])?;
-            let mut out = Vec::new();
+            let leases = self.leases();
+            let mut rows = due.query(params![provider.as_str(), now])?;
             while let Some(row) = rows.next()? {
                 let rowid: i64 = row.get(0)?;
+                if leases.get(&rowid).is_some_and(|&end| end > now) {
+                    continue;
+                }
                 let order_no = text(row.get_ref(1)?, "order_no")?;
                 let order_no = OrderNo::parse(order_no).map_err(|e| {
                     StateError::Corrupt(format!("stored order number {order_no:?}: {e}"))
@@ -559,30 +585,40 @@ impl StateStore for SqliteStore {
                     polls: parse_u32("polls", row.get(4)?)?,
                     status,
                 });
-                set_lease.execute(params![rowid, until])?;
+                claimed.push(rowid);
+                if out.len() == limit {
+                    break;
+                }
             }
-            Ok(out)
-        })
+            Ok(())
+        })?;
+        let mut leases = self.leases();
+        leases.extend(claimed.into_iter().map(|rowid| (rowid, until)));
+        Ok(out)
     }
 
     fn next_due_at(&self, provider: ProviderKind) -> Result<Option<DateTime<Utc>>, StateError> {
         self.read(|tx| {
-            // Not MIN(): with the lease filter that would visit every tracked order;
-            // this walks `orders_due` from the front, past leased orders only.
-            let next: Option<i64> = tx
-                .prepare_cached(
-                    "SELECT next_poll_at FROM orders
-                     WHERE provider = ?1 AND tracking = 'polling' AND next_poll_at IS NOT NULL
-                       AND lease_until IS NULL
-                     ORDER BY next_poll_at LIMIT 1",
-                )?
-                .query_row([provider.as_str()], |r| r.get(0))
-                .optional()?;
-            next.map(from_ms).transpose()
+            // Not MIN(): leased orders are skipped, so this walks `orders_due` from the
+            // front, past leased orders only.
+            let mut stmt = tx.prepare_cached(
+                "SELECT rowid, next_poll_at FROM orders
+                 WHERE provider = ?1 AND tracking = 'polling' AND next_poll_at IS NOT NULL
+                 ORDER BY next_poll_at",
+            )?;
+            let leases = self.leases();
+            let mut rows = stmt.query([provider.as_str()])?;
+            while let Some(row) = rows.next()? {
+                if !leases.contains_key(&row.get::<_, i64>(0)?) {
+                    return from_ms(row.get(1)?).map(Some);
+                }
+            }
+            Ok(None)
         })
     }
 
     fn record_polls(&self, run_id: &str, polls: &[PollRecord]) -> Result<(), StateError> {
+        let mut recorded = Vec::with_capacity(polls.len());
         self.write(|tx| {
             let mut load = tx.prepare_cached(
                 "SELECT rowid, api_calls, observed, input, first_seen_at
@@ -591,7 +627,7 @@ impl StateStore for SqliteStore {
             let mut update = tx.prepare_cached(
                 "UPDATE orders SET status = ?2, provider_status = ?3, last_error = ?4,
                     polls = polls + 1, api_calls = ?5, tracking = ?6, next_poll_at = ?7,
-                    lease_until = NULL, last_run = ?8, last_observed_at = ?9,
+                    last_run = ?8, last_observed_at = ?9,
                     observed = COALESCE(?10, observed)
                  WHERE rowid = ?1",
             )?;
@@ -603,7 +639,6 @@ impl StateStore for SqliteStore {
                 let provider = p.provider.as_str();
                 let order_no = p.order_no.as_str();
                 let status = p.outcome.status();
-                let pair = observed_pair(status, p.tracking);
 
                 // `fresh`: the order's input and first-seen time, when this poll
                 // observes a (status, tracking) pair for the first time.
@@ -616,12 +651,13 @@ impl StateStore for SqliteStore {
                     })?;
                     let calls = parse_u32("api_calls", row.get(1)?)?.saturating_add(p.attempts);
                     let observed = text(row.get_ref(2)?, "observed pairs")?;
-                    let fresh = if observed.split(' ').any(|seen| seen == pair) {
+                    let fresh = if has_observed(observed, status, p.tracking) {
                         None
                     } else {
                         let input = text(row.get_ref(3)?, "input columns")?.to_owned();
+                        let pair = observed_pair(status, p.tracking);
                         let observed = if observed.is_empty() {
-                            pair.clone()
+                            pair
                         } else {
                             format!("{observed} {pair}")
                         };
@@ -629,6 +665,8 @@ impl StateStore for SqliteStore {
                     };
                     (row.get::<_, i64>(0)?, calls, fresh)
                 };
+
+                recorded.push(rowid);
 
                 let (provider_status, error) = match &p.outcome {
                     PollOutcome::Detail(d) => (Some(d.provider_status.as_str()), None),
@@ -671,19 +709,37 @@ impl StateStore for SqliteStore {
                 ])?;
             }
             Ok(())
-        })
+        })?;
+        // Released once the records are durable (a failed call keeps its leases).
+        let mut leases = self.leases();
+        for rowid in recorded {
+            leases.remove(&rowid);
+        }
+        Ok(())
     }
 
     fn release(&self, provider: ProviderKind, orders: &[OrderNo]) -> Result<(), StateError> {
-        self.write(|tx| {
-            let mut release = tx.prepare_cached(
-                "UPDATE orders SET lease_until = NULL WHERE provider = ?1 AND order_no = ?2",
-            )?;
+        let rowids = self.read(|tx| {
+            let mut find = tx
+                .prepare_cached("SELECT rowid FROM orders WHERE provider = ?1 AND order_no = ?2")?;
+            let mut out = Vec::with_capacity(orders.len());
             for o in orders {
-                release.execute(params![provider.as_str(), o.as_str()])?;
+                if let Some(rowid) = find
+                    .query_row(params![provider.as_str(), o.as_str()], |r| {
+                        r.get::<_, i64>(0)
+                    })
+                    .optional()?
+                {
+                    out.push(rowid);
+                }
             }
-            Ok(())
-        })
+            Ok(out)
+        })?;
+        let mut leases = self.leases();
+        for rowid in rowids {
+            leases.remove(&rowid);
+        }
+        Ok(())
     }
 
     fn stage_batch(&self, name: &str, now: DateTime<Utc>) -> Result<Option<Batch>, StateError> {
@@ -990,6 +1046,15 @@ fn save_queue_position(tx: &Transaction<'_>, q: &QueuePosition) -> Result<(), St
 /// neither name contains a space).
 fn observed_pair(status: PayStatus, tracking: Tracking) -> String {
     format!("{}/{}", status.as_str(), tracking.as_str())
+}
+
+/// Whether `observed` (an `orders.observed` value) lists the pair, without
+/// building its text.
+fn has_observed(observed: &str, status: PayStatus, tracking: Tracking) -> bool {
+    let pair = (status.as_str(), tracking.as_str());
+    observed
+        .split(' ')
+        .any(|seen| seen.split_once('/') == Some(pair))
 }
 
 /// The output row for poll `p` of an order with `api_calls` calls so far.
@@ -1311,6 +1376,55 @@ mod tests {
         let expired = s.claim_due(PP, at(320), 10, lease).unwrap();
         assert_eq!(expired.len(), 1);
         assert_eq!(expired[0].order_no.as_str(), "mid");
+    }
+
+    /// Claiming in pages: each call leases at most `limit` orders, earliest due
+    /// first; the next call goes on with the rest (leased orders are skipped, not
+    /// counted); no order is handed out twice while leased, and a page released
+    /// whole comes back in the same order.
+    #[test]
+    fn claim_due_pages_without_repeats() {
+        let (_dir, s) = store();
+        let lease = Duration::from_secs(600);
+        let names: Vec<String> = (0..7).map(|i| format!("O{i}")).collect();
+        for (i, n) in names.iter().enumerate() {
+            add(&s, "r1", &[n.as_str()], at(i as i64));
+        }
+        let mut pages = Vec::new();
+        loop {
+            let page = s.claim_due(PP, at(100), 3, lease).unwrap();
+            if page.is_empty() {
+                break;
+            }
+            pages.push(
+                page.iter()
+                    .map(|d| d.order_no.as_str().to_owned())
+                    .collect::<Vec<_>>(),
+            );
+        }
+        assert_eq!(
+            pages,
+            [vec!["O0", "O1", "O2"], vec!["O3", "O4", "O5"], vec!["O6"]]
+        );
+        assert_eq!(s.next_due_at(PP).unwrap(), None);
+        assert!(s.claim_due(PP, at(100), 0, lease).unwrap().is_empty());
+
+        // The middle page is released unpolled; the others are recorded.
+        s.release(PP, &[no("O3"), no("O4"), no("O5"), no("never-added")])
+            .unwrap();
+        let done: Vec<_> = ["O0", "O1", "O2", "O6"]
+            .iter()
+            .map(|n| poll(n, PayStatus::Paid, Tracking::Settled, at(101)))
+            .collect();
+        s.record_polls("r1", &done).unwrap();
+        assert_eq!(s.next_due_at(PP).unwrap(), Some(at(3)));
+        let again: Vec<_> = s
+            .claim_due(PP, at(102), 10, lease)
+            .unwrap()
+            .into_iter()
+            .map(|d| d.order_no.as_str().to_owned())
+            .collect();
+        assert_eq!(again, ["O3", "O4", "O5"]);
     }
 
     /// Leases left by a crashed process are cleared when the state is opened again.
