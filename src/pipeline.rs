@@ -830,9 +830,10 @@ fn write_file(
     let mut write_err: Option<OutputError> = None;
     let crash_mid_write = crate::failpoint::armed("mid-write").then_some(batch.rows / 2);
     let mut written = 0u64;
-    store.visit_batch(batch.id, &mut |row| {
+    // After a write error the remaining rows are skipped, and the error returned.
+    let mut step = |write: &mut dyn FnMut() -> Result<(), OutputError>| {
         if write_err.is_none()
-            && let Err(e) = writer.write(&row)
+            && let Err(e) = write()
         {
             write_err = Some(e);
         }
@@ -841,7 +842,16 @@ fn write_file(
             crate::failpoint::kill_self();
         }
         Ok(())
-    })?;
+    };
+    let w = &mut writer;
+    if encoding.format == Format::Jsonl {
+        // The store keeps rows as their JSONL text: copy it through.
+        store.visit_batch_json(batch.id, &mut |json, status| {
+            step(&mut || w.write_json_line(json, status))
+        })?;
+    } else {
+        store.visit_batch(batch.id, &mut |row| step(&mut || w.write(&row)))?;
+    }
     if let Some(e) = write_err {
         return Err(e.into());
     }

@@ -459,6 +459,21 @@ impl FileWriter {
         Ok(())
     }
 
+    /// Appends one JSONL row given as its JSON text (an object, no newline), as
+    /// the state store keeps it; JSONL files only.
+    pub fn write_json_line(&mut self, json: &str, status: PayStatus) -> Result<(), OutputError> {
+        let result = match self.sink.as_mut() {
+            Some(Sink::Jsonl(s)) => s.write_line(json),
+            _ => Err(io::Error::other("JSON lines go to JSONL files only")),
+        };
+        result.map_err(|source| self.write_error(source))?;
+        self.rows += 1;
+        if let Some(i) = PayStatus::ALL.iter().position(|s| *s == status) {
+            self.counts[i] += 1;
+        }
+        Ok(())
+    }
+
     /// Rows written so far.
     pub fn rows(&self) -> u64 {
         self.rows

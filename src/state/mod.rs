@@ -241,6 +241,16 @@ pub trait StateStore: Send + Sync {
         visit: &mut dyn FnMut(Observation) -> Result<(), StateError>,
     ) -> Result<(), StateError>;
 
+    /// Visits a batch's rows as JSON text (exactly the JSONL encoding of the
+    /// [`Observation`], without the newline) with their status, in the order of
+    /// [`visit_batch`](Self::visit_batch): the JSONL export copies it through
+    /// without decoding and re-encoding every row.
+    fn visit_batch_json(
+        &self,
+        batch_id: i64,
+        visit: &mut dyn FnMut(&str, PayStatus) -> Result<(), StateError>,
+    ) -> Result<(), StateError>;
+
     /// Marks a batch as committed: its file and manifest are durable.
     fn commit_batch(&self, batch_id: i64, now: DateTime<Utc>) -> Result<(), StateError>;
 

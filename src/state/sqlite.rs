@@ -794,6 +794,20 @@ impl StateStore for SqliteStore {
         batch_id: i64,
         visit: &mut dyn FnMut(Observation) -> Result<(), StateError>,
     ) -> Result<(), StateError> {
+        self.visit_batch_json(batch_id, &mut |json, _| {
+            let obs = serde_json::from_str(json)
+                .map_err(|e| StateError::Corrupt(format!("observation row: {e}: {json}")))?;
+            visit(obs)
+        })
+    }
+
+    /// The stored row text is the JSON of the observation as serde_json writes
+    /// it, which is the JSONL encoding.
+    fn visit_batch_json(
+        &self,
+        batch_id: i64,
+        visit: &mut dyn FnMut(&str, PayStatus) -> Result<(), StateError>,
+    ) -> Result<(), StateError> {
         self.read_snapshot(|tx| {
             let (first, last): (i64, i64) = tx
                 .query_row(
@@ -804,14 +818,16 @@ impl StateStore for SqliteStore {
                 .optional()?
                 .ok_or_else(|| StateError::Corrupt(format!("batch {batch_id} does not exist")))?;
             let mut stmt = tx.prepare_cached(
-                "SELECT seq, row FROM observations WHERE seq BETWEEN ?1 AND ?2 ORDER BY seq",
+                "SELECT seq, status, row FROM observations WHERE seq BETWEEN ?1 AND ?2 ORDER BY seq",
             )?;
             let mut rows = stmt.query([first, last])?;
             while let Some(r) = rows.next()? {
                 let seq: i64 = r.get(0)?;
-                let obs = serde_json::from_str(text(r.get_ref(1)?, "observation row")?)
-                    .map_err(|e| StateError::Corrupt(format!("observation {seq}: {e}")))?;
-                visit(obs)?;
+                let status = text(r.get_ref(1)?, "observation status")?;
+                let status = PayStatus::from_name(status).ok_or_else(|| {
+                    StateError::Corrupt(format!("observation {seq}: unknown status {status:?}"))
+                })?;
+                visit(text(r.get_ref(2)?, "observation row")?, status)?;
             }
             Ok(())
         })
@@ -1619,6 +1635,18 @@ mod tests {
             ["A", "B", "C"]
         );
         assert_eq!(batch_rows(&s, b1.id), first, "visiting is repeatable");
+        // The JSON visit hands over exactly the JSONL encoding of the same rows.
+        let mut json = Vec::new();
+        s.visit_batch_json(b1.id, &mut |text, status| {
+            json.push((text.to_owned(), status));
+            Ok(())
+        })
+        .unwrap();
+        let want: Vec<_> = first
+            .iter()
+            .map(|o| (serde_json::to_string(o).unwrap(), o.status))
+            .collect();
+        assert_eq!(json, want);
         // Staged is not exported: the rows count until their batch is committed.
         assert_eq!(s.status_report(0).unwrap().unexported_rows, 3);
 
