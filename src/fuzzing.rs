@@ -644,7 +644,8 @@ mod tests {
     #[test]
     fn seed_corpus_passes() {
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus");
-        let targets: [(&str, fn(&[u8])); 5] = [
+        type Target = fn(&[u8]);
+        let targets: [(&str, Target); 5] = [
             ("csv_reader", csv_reader),
             ("queue_reader", queue_reader),
             ("payprotocol_response", payprotocol_response),
