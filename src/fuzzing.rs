@@ -160,8 +160,8 @@ pub fn csv_reader(data: &[u8]) {
     let order_idx = header.iter().position(|h| h == "order_no").unwrap();
     let pay_idx = header.iter().position(|h| h == "payment_no");
     for (rec, want) in recs.iter().zip(&reference[1..]) {
+        // (The raw text may end in `\n`: a quote left open runs to the end of the file.)
         assert_eq!(rec.line, want.line, "line of {:?}", rec.raw);
-        assert!(!rec.raw.ends_with('\n'));
         let fields: Option<Vec<&str>> = want
             .fields
             .iter()
