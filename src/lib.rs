@@ -22,6 +22,7 @@
 //! - [`demo`]: `paysync demo`, the mock server plus a real run.
 //! - [`failpoint`]: crash points for the crash-safety tests.
 //! - [`telemetry`]: logging setup.
+//! - `fuzzing`: entry points of the fuzz targets in `fuzz/` (hidden, not an API).
 
 pub mod cli;
 pub mod config;
@@ -29,6 +30,8 @@ pub mod daemon;
 pub mod demo;
 pub mod failpoint;
 pub mod fetch;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod input;
 pub mod metrics;
 pub mod mock;

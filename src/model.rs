@@ -186,6 +186,10 @@ impl fmt::Display for Tracking {
 #[serde(transparent)]
 pub struct Amount(String);
 
+/// Most decimals an amount is scaled by: token decimals are a `uint8` (ERC-20), and
+/// a larger count (a garbled currency list or config) must not allocate gigabytes.
+pub const MAX_DECIMALS: u32 = 255;
+
 /// Why a provider's amount string was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum InvalidAmount {
@@ -193,6 +197,8 @@ pub enum InvalidAmount {
     NotDecimal(String),
     #[error("base-unit amount {0:?} is not an integer")]
     NotInteger(String),
+    #[error("{0} decimals is more than {MAX_DECIMALS}")]
+    TooManyDecimals(u32),
 }
 
 impl Amount {
@@ -215,7 +221,11 @@ impl Amount {
     /// Scales an integer amount in base units by `10^-decimals`, exactly:
     /// `("1000000", 6)` gives `"1.000000"`, `("5", 18)` gives `"0.000000000000000005"`.
     /// Leading zeros of the integer part are dropped; all `decimals` digits are kept.
+    /// More than [`MAX_DECIMALS`] decimals are refused.
     pub fn from_base_units(units: &str, decimals: u32) -> Result<Self, InvalidAmount> {
+        if decimals > MAX_DECIMALS {
+            return Err(InvalidAmount::TooManyDecimals(decimals));
+        }
         let s = units.trim();
         let (neg, digits) = match s.strip_prefix('-') {
             Some(d) => (true, d),
@@ -542,6 +552,24 @@ mod tests {
         }
     }
 
+    /// More than [`MAX_DECIMALS`] decimals are refused instead of allocating a
+    /// string of that many zeros (a currency list saying `"decimals": 4294967295`
+    /// used to make `from_base_units` allocate 4 GiB).
+    #[test]
+    fn absurd_decimals_are_refused() {
+        assert_eq!(
+            Amount::from_base_units("5", u32::MAX),
+            Err(InvalidAmount::TooManyDecimals(u32::MAX))
+        );
+        assert_eq!(
+            Amount::from_base_units("5", MAX_DECIMALS + 1),
+            Err(InvalidAmount::TooManyDecimals(MAX_DECIMALS + 1))
+        );
+        let a = Amount::from_base_units("5", MAX_DECIMALS).unwrap();
+        assert_eq!(a.as_str().len(), 2 + MAX_DECIMALS as usize);
+        assert!(a.as_str().ends_with("05"));
+    }
+
     /// Decimal strings are kept exactly as given; anything else is refused.
     #[test]
     fn decimal_parsing() {
@@ -580,5 +608,112 @@ mod tests {
         assert_eq!(rfc3339(t.to_utc()), "2024-04-03T05:40:06Z");
         let t = DateTime::parse_from_rfc3339("2024-04-03T05:40:06.120Z").unwrap();
         assert_eq!(rfc3339(t.to_utc()), "2024-04-03T05:40:06.120Z");
+    }
+
+    mod properties {
+        use super::*;
+        use crate::fuzzing::is_plain_decimal;
+        use proptest::prelude::*;
+
+        /// The model: `n / 10^d` in u128 arithmetic, every fraction digit written.
+        fn scaled(n: u128, neg: bool, d: u32) -> String {
+            let p = 10u128.pow(d);
+            let sign = if neg && n != 0 { "-" } else { "" };
+            if d == 0 {
+                format!("{sign}{n}")
+            } else {
+                let width = d as usize;
+                format!("{sign}{}.{:0width$}", n / p, n % p)
+            }
+        }
+
+        proptest! {
+            /// Scaling agrees with u128 arithmetic for every amount that fits, with
+            /// a sign, leading zeros and surrounding spaces in the input.
+            #[test]
+            fn base_units_match_u128_model(
+                n in prop_oneof![Just(0u128), 0u128..1_000_000, any::<u128>()],
+                neg in any::<bool>(),
+                zeros in 0usize..4,
+                d in 0u32..=38,
+                pad in "[ \t]{0,2}",
+            ) {
+                let units = format!("{pad}{}{}{n}{pad}", if neg { "-" } else { "" }, "0".repeat(zeros));
+                let got = Amount::from_base_units(&units, d).unwrap();
+                prop_assert_eq!(got.as_str(), scaled(n, neg, d));
+            }
+
+            /// Beyond u128: multiplying the result back by `10^d` (moving the point)
+            /// gives the input digits; the integer part has no leading zeros; all
+            /// `d` fraction digits are kept.
+            #[test]
+            fn base_units_big_integers_round_trip(
+                digits in "[0-9]{1,120}",
+                d in 0u32..=MAX_DECIMALS,
+            ) {
+                let got = Amount::from_base_units(&digits, d).unwrap();
+                let (int, frac) = got.as_str().split_once('.').unwrap_or((got.as_str(), ""));
+                prop_assert_eq!(frac.len(), d as usize);
+                prop_assert!(int == "0" || !int.starts_with('0'), "{}", got);
+                let back = format!("{int}{frac}");
+                prop_assert_eq!(back.trim_start_matches('0'), digits.trim_start_matches('0'));
+                prop_assert!(Amount::parse_decimal(got.as_str()).is_ok());
+            }
+
+            /// Any text and any decimals: an amount or an error, never a panic;
+            /// only (signed) digit strings with at most MAX_DECIMALS are scaled.
+            #[test]
+            fn base_units_never_panic(units in "\\PC{0,12}|-?[0-9]{0,12}", d in any::<u32>()) {
+                let t = units.trim();
+                let digits = t.strip_prefix('-').unwrap_or(t);
+                let integer = !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit());
+                prop_assert_eq!(
+                    Amount::from_base_units(&units, d).is_ok(),
+                    integer && d <= MAX_DECIMALS
+                );
+            }
+
+            /// `parse_decimal` accepts every plain decimal, keeping its text...
+            #[test]
+            fn decimals_in_the_grammar_are_kept(s in "-?[0-9]{1,40}(\\.[0-9]{1,40})?", pad in " {0,2}") {
+                let a = Amount::parse_decimal(&format!("{pad}{s}{pad}")).unwrap();
+                prop_assert_eq!(a.as_str(), s.as_str());
+            }
+
+            /// ...and nothing else.
+            #[test]
+            fn decimal_grammar_is_exact(s in "[-+.0-9eE ,]{0,8}|\\PC{0,8}") {
+                prop_assert_eq!(Amount::parse_decimal(&s).is_ok(), is_plain_decimal(s.trim()));
+            }
+
+            /// Printable ASCII order numbers without spaces are kept as they are
+            /// (surrounding whitespace trimmed).
+            #[test]
+            fn printable_order_numbers_are_kept(s in "[!-~]{1,128}", pad in "[ \t]{0,2}") {
+                let no = OrderNo::parse(&format!("{pad}{s}{pad}")).unwrap();
+                prop_assert_eq!(no.as_str(), s.as_str());
+            }
+
+            /// Any text: accepted exactly when it is non-empty after trimming, at
+            /// most 128 bytes, and free of whitespace, control and invisible
+            /// characters; the error names the first rule broken.
+            #[test]
+            fn order_number_rules(s in "\\PC{0,20}|[ a-z\t\u{7}\u{200B}\u{FEFF}\u{AD}]{0,6}|x{120,135}") {
+                let t = s.trim();
+                let want = if t.is_empty() {
+                    Err(InvalidOrderNo::Empty)
+                } else if t.len() > MAX_ORDER_NO_LEN {
+                    Err(InvalidOrderNo::TooLong(t.len()))
+                } else if t.chars().any(|c| c.is_control() || is_invisible(c)) {
+                    Err(InvalidOrderNo::Control)
+                } else if t.chars().any(char::is_whitespace) {
+                    Err(InvalidOrderNo::Whitespace)
+                } else {
+                    Ok(t)
+                };
+                let got = OrderNo::parse(&s);
+                prop_assert_eq!(got.as_ref().map(OrderNo::as_str), want.as_ref().map(|s| *s));
+            }
+        }
     }
 }

@@ -208,4 +208,111 @@ mod tests {
         });
         assert_eq!(classify(&r, 1, &policy(), 0.0), retry(100, true));
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn any_policy() -> impl Strategy<Value = RetryPolicy> {
+            (1u32..10, 1u64..5_000, 0u64..120_000).prop_map(|(max_attempts, base, extra)| {
+                RetryPolicy {
+                    max_attempts,
+                    backoff_base: Duration::from_millis(base),
+                    backoff_max: Duration::from_millis(base + extra),
+                }
+            })
+        }
+
+        /// Every failure class, with any `Retry-After` up to the clamp.
+        fn any_error() -> impl Strategy<Value = FetchError> {
+            let ra = proptest::option::of((0u64..=300).prop_map(Duration::from_secs));
+            prop_oneof![
+                ra.clone().prop_map(|retry_after| FetchError::Throttled {
+                    code: 429,
+                    retry_after
+                }),
+                (500u16..600, ra).prop_map(|(status, retry_after)| FetchError::Server {
+                    status,
+                    retry_after,
+                    detail: String::new(),
+                }),
+                Just(FetchError::Timeout(Duration::from_secs(10))),
+                Just(FetchError::Transport("reset".into())),
+                Just(FetchError::Malformed {
+                    status: 200,
+                    detail: String::new()
+                }),
+                Just(FetchError::TooLarge { limit: 1 }),
+                Just(FetchError::Auth("401".into())),
+                Just(FetchError::NotFound),
+                Just(FetchError::Rejected("400".into())),
+            ]
+        }
+
+        proptest! {
+            /// For any policy, attempt and jitter: auth stops the run, not found is
+            /// done, a refusal gives up; everything else is retried until the
+            /// attempts are used up, never sooner than `Retry-After`, never later
+            /// than the larger of the cap and `Retry-After`, and throttling waits
+            /// at least the base step and pauses every worker.
+            #[test]
+            fn decisions_follow_the_table(
+                policy in any_policy(),
+                err in any_error(),
+                attempt in 1u32..20,
+                jitter in 0.0f64..=1.0,
+            ) {
+                let action = classify(&Err(err.clone()), attempt, &policy, jitter);
+                let retry_after = match &err {
+                    FetchError::Auth(_) => return { prop_assert_eq!(action, Action::Abort); Ok(()) },
+                    FetchError::NotFound => return { prop_assert_eq!(action, Action::Done); Ok(()) },
+                    FetchError::Rejected(_) => return { prop_assert_eq!(action, Action::GiveUp); Ok(()) },
+                    FetchError::Throttled { retry_after, .. } | FetchError::Server { retry_after, .. } => {
+                        retry_after.unwrap_or_default()
+                    }
+                    _ => Duration::ZERO,
+                };
+                if attempt >= policy.max_attempts {
+                    prop_assert_eq!(action, Action::GiveUp);
+                    return Ok(());
+                }
+                let Action::Retry { after, pause_all } = action else {
+                    return Err(TestCaseError::fail(format!("{err:?}: {action:?}")));
+                };
+                let throttled = matches!(err, FetchError::Throttled { .. });
+                prop_assert_eq!(pause_all, throttled);
+                prop_assert!(after >= retry_after);
+                prop_assert!(after <= policy.backoff_max.max(retry_after));
+                if throttled {
+                    prop_assert!(after >= policy.backoff_base);
+                }
+            }
+
+            /// The backoff grows with the jitter draw and stays within
+            /// `[0, min(max, base * 2^(attempt-1))]`.
+            #[test]
+            fn backoff_is_bounded_and_monotone(
+                policy in any_policy(),
+                attempt in 1u32..100,
+                a in 0.0f64..=1.0,
+                b in 0.0f64..=1.0,
+            ) {
+                let (lo, hi) = if a <= b { (a, b) } else { (b, a) };
+                let cap = policy
+                    .backoff_base
+                    .saturating_mul(2u32.saturating_pow(attempt - 1))
+                    .min(policy.backoff_max);
+                prop_assert!(policy.backoff(attempt, lo) <= policy.backoff(attempt, hi));
+                prop_assert!(policy.backoff(attempt, hi) <= cap);
+                prop_assert_eq!(policy.backoff(attempt, 1.0), cap);
+            }
+
+            /// A success is done at any attempt.
+            #[test]
+            fn success_is_done(policy in any_policy(), attempt in 1u32..20, jitter in 0.0f64..=1.0) {
+                let ok = Ok(PayDetail::new("0", PayStatus::Paid));
+                prop_assert_eq!(classify(&ok, attempt, &policy, jitter), Action::Done);
+            }
+        }
+    }
 }

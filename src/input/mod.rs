@@ -27,7 +27,9 @@ use std::sync::Arc;
 use crate::model::{InputColumns, InvalidOrderNo, OrderNo};
 
 pub use self::csv::CsvRecords;
-pub use self::queue::{QueueChunk, QueueRecords, read_queue_from, read_queue_from_line};
+pub use self::queue::{
+    MAX_QUEUE_LINE, QueueChunk, QueueRecords, read_queue_from, read_queue_from_line,
+};
 pub use self::rejects::{REJECTS_HEADER, RejectsWriter, rejects_file_name};
 
 /// The CSV column holding the order number when the config does not say.

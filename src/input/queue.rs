@@ -419,4 +419,79 @@ mod tests {
         assert_eq!(orders(&c.records), vec![(1, "B1".into())]);
         assert_eq!(c.next_offset, 3);
     }
+
+    mod properties {
+        use super::*;
+        use crate::model::OrderNo;
+        use proptest::prelude::*;
+
+        /// One queue line's content: order numbers, comments, blanks, bad
+        /// characters, and anything else but line breaks (`\r` only comes from
+        /// CRLF) and a leading BOM.
+        fn content() -> impl Strategy<Value = String> {
+            prop_oneof![
+                "[A-Za-z0-9_-]{1,20}",
+                " {0,3}#[^\r\n]{0,10}",
+                "[ \t]{0,3}",
+                "[ A-Z0-9\u{0}\u{7}\u{200B}é#]{0,10}",
+                "[^\r\n\u{FEFF}]{0,30}",
+            ]
+        }
+
+        proptest! {
+            /// A queue file built line by line (LF or CRLF, optional BOM, optional
+            /// final `\n`) reads back as exactly its order lines, each with its own
+            /// line number and reason; tailing it in chunks of any size yields the same
+            /// records except an unterminated last line, and ends at the last `\n`.
+            #[test]
+            fn lines_read_back_whole_and_tailed(
+                lines in proptest::collection::vec((content(), any::<bool>()), 0..15),
+                bom in any::<bool>(),
+                last_terminated in any::<bool>(),
+                max_lines in 1usize..5,
+            ) {
+                let mut data = if bom { b"\xEF\xBB\xBF".to_vec() } else { Vec::new() };
+                let mut want = Vec::new();
+                let mut complete = Vec::new();
+                for (i, (text, crlf)) in lines.iter().enumerate() {
+                    data.extend_from_slice(text.as_bytes());
+                    let terminated = i + 1 < lines.len() || last_terminated;
+                    if terminated {
+                        data.extend_from_slice(if *crlf { b"\r\n" } else { b"\n" });
+                    }
+                    let t = text.trim_matches(|c: char| c.is_ascii_whitespace());
+                    if !t.is_empty() && !t.starts_with('#') {
+                        let parsed = OrderNo::parse(text).map_err(RejectReason::from);
+                        let rec = (i as u64 + 1, text.clone(), parsed);
+                        if terminated {
+                            complete.push(rec.clone());
+                        }
+                        want.push(rec);
+                    }
+                }
+                let (_dir, path) = write_file("queue.txt", &data);
+                let view = |recs: &[InputRecord]| -> Vec<(u64, String, Result<OrderNo, RejectReason>)> {
+                    recs.iter()
+                        .map(|r| (r.line, r.raw.clone(), r.parsed.clone().map(|p| p.0)))
+                        .collect()
+                };
+                prop_assert_eq!(view(&read_all(&data)), want);
+
+                let mut tailed = Vec::new();
+                let mut offset = 0;
+                loop {
+                    let c = read_queue_from(&path, offset, max_lines).unwrap();
+                    prop_assert!(c.records.len() <= max_lines);
+                    tailed.extend(view(&c.records));
+                    offset = c.next_offset;
+                    if c.at_end {
+                        break;
+                    }
+                }
+                prop_assert_eq!(tailed, complete);
+                let end = data.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+                prop_assert_eq!(offset, end as u64);
+            }
+        }
+    }
 }

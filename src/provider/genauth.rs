@@ -485,15 +485,18 @@ fn map_detail(
 }
 
 /// A successful token answer, before the claim is read.
-struct TokenGrant {
-    access_token: SecretString,
-    expires_in: Duration,
+pub(crate) struct TokenGrant {
+    pub(crate) access_token: SecretString,
+    pub(crate) expires_in: Duration,
 }
 
 /// Classifies the token call's answer. Throttling, 5xx and unreadable answers keep
 /// their retryable classes; every other refusal is [`FetchError::Auth`] with the
 /// envelope described and `secret` scrubbed from the provider's text.
-fn classify_token_response(raw: &RawResponse, secret: &str) -> Result<TokenGrant, FetchError> {
+pub(crate) fn classify_token_response(
+    raw: &RawResponse,
+    secret: &str,
+) -> Result<TokenGrant, FetchError> {
     let env = parse_envelope(raw)?;
     let scrub = |text: String| {
         if secret.is_empty() {
@@ -1529,5 +1532,112 @@ mod tests {
         assert_eq!(d.unwrap().status, PayStatus::Paid);
         assert_eq!(mock.bad_headers.load(Ordering::SeqCst), 0);
         assert_eq!(mock.last_lang.lock().unwrap().as_deref(), Some("en-US"));
+    }
+
+    mod properties {
+        use super::*;
+        use crate::fetch::retry::{Action, RetryPolicy, classify as decide};
+        use proptest::prelude::*;
+
+        fn answer(status: u16, body: Vec<u8>) -> RawResponse {
+            RawResponse {
+                status,
+                retry_after: None,
+                body: Bytes::from(body),
+            }
+        }
+
+        proptest! {
+            /// Any HTTP status and body: a class, never a panic; a body that is not
+            /// JSON is judged by the HTTP status alone (5xx and 429 retried, the
+            /// rest malformed).
+            #[test]
+            fn any_answer_is_classified(status in 100u16..600, body in proptest::collection::vec(any::<u8>(), 0..80)) {
+                let json = serde_json::from_slice::<Value>(&body).is_ok();
+                let result = classify(&answer(status, body));
+                let action = decide(&result, 1, &RetryPolicy::default(), 0.5);
+                if !json {
+                    match status {
+                        500..=599 => prop_assert!(matches!(result, Err(FetchError::Server { status: s, .. }) if s == status), "{:?}", result),
+                        429 => prop_assert!(matches!(action, Action::Retry { pause_all: true, .. }), "{:?}", action),
+                        _ => prop_assert!(matches!(result, Err(FetchError::Malformed { status: s, .. }) if s == status), "{:?}", result),
+                    }
+                }
+            }
+
+            /// The envelope's `statusCode` (a number or a numeric string) decides,
+            /// whatever the HTTP status: 5xx is always retried, 429 retried pausing
+            /// every worker, 401/403 stop the run, 404 is not found, any other
+            /// non-200 code gives an error row naming it.
+            #[test]
+            fn status_code_decides(
+                http in 100u16..600,
+                code in prop_oneof![Just(200i64), Just(401), Just(403), Just(404), Just(429), 500i64..600, -1000i64..1000],
+                as_string in any::<bool>(),
+                message in "\\PC{0,20}",
+            ) {
+                let sc = if as_string { json!(code.to_string()) } else { json!(code) };
+                let body = json!({"statusCode": sc, "message": message, "apiCode": 7, "data": null});
+                let result = classify(&answer(http, body.to_string().into_bytes()));
+                let action = decide(&result, 1, &RetryPolicy::default(), 0.5);
+                match code {
+                    200 | 404 => prop_assert_eq!(result, Err(FetchError::NotFound)),
+                    429 => prop_assert!(matches!(action, Action::Retry { pause_all: true, .. }), "{:?}", action),
+                    500..=599 => prop_assert!(matches!(action, Action::Retry { pause_all: false, .. }), "{:?}", action),
+                    401 | 403 => prop_assert_eq!(action, Action::Abort),
+                    _ => {
+                        prop_assert_eq!(action, Action::GiveUp);
+                        let text = result.unwrap_err().to_string();
+                        prop_assert!(text.contains(&format!("statusCode {code}")), "{}", text);
+                    }
+                }
+            }
+
+            /// statusCode 200 with well-formed data maps to a detail (never a
+            /// retry): payStatus through the status map, the amount kept exactly,
+            /// naive times shifted from UTC+8.
+            #[test]
+            fn success_answers_map_exactly(
+                pay_status in "[0-9]{1,2}",
+                amount in proptest::option::of("-?[0-9]{1,12}(\\.[0-9]{1,8})?"),
+                paid in proptest::option::of(0i64..4_000_000_000),
+                channel in proptest::option::of("\\PC{1,20}"),
+            ) {
+                let naive = |t: i64| {
+                    chrono::DateTime::from_timestamp(t, 0).unwrap().naive_utc()
+                        .format("%Y-%m-%d %H:%M:%S").to_string()
+                };
+                let body = json!({"statusCode": 200, "message": "ok", "data": {
+                    "orderNo": "O-1", "payStatus": pay_status, "paidAmount": amount,
+                    "paidTime": paid.map(naive), "channelOrderNo": channel, "payType": "Alipay",
+                }});
+                let result = classify(&raw(200, &body.to_string()));
+                prop_assert_eq!(decide(&result, 1, &RetryPolicy::default(), 0.5), Action::Done);
+                let d = result.unwrap();
+                let map = default_status_map();
+                prop_assert_eq!(d.status, map.get(&pay_status).copied().unwrap_or(PayStatus::Unknown));
+                prop_assert_eq!(d.provider_status, pay_status);
+                prop_assert_eq!(d.amount.map(|a| a.to_string()), amount);
+                prop_assert_eq!(d.paid_at, paid.and_then(|t| chrono::DateTime::from_timestamp(t - 8 * 3600, 0)));
+                prop_assert_eq!(d.payment_no, channel.map(|c| c.trim().to_owned()).filter(|c| !c.is_empty()));
+            }
+
+            /// Token answers: whatever the provider echoes back, no error message
+            /// carries the access key secret.
+            #[test]
+            fn token_errors_never_carry_the_secret(
+                code in prop_oneof![Just(200i64), Just(400), Just(401), Just(403), Just(429), Just(500)],
+                before in "\\PC{0,10}",
+                after in "\\PC{0,10}",
+                http in prop_oneof![Just(200u16), Just(400), Just(500)],
+            ) {
+                let echo = format!("{before}{SECRET}{after}");
+                let body = json!({"statusCode": code, "message": echo, "apiCode": echo, "requestId": echo});
+                if let Err(e) = classify_token_response(&raw(http, &body.to_string()), SECRET) {
+                    prop_assert!(!e.to_string().contains(SECRET), "{}", e);
+                    prop_assert!(!format!("{:?}", e).contains(SECRET), "{:?}", e);
+                }
+            }
+        }
     }
 }

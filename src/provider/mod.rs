@@ -218,4 +218,77 @@ mod tests {
             Some("2024-04-03T13:40:06Z")
         );
     }
+
+    mod properties {
+        use super::*;
+        use crate::model::rfc3339;
+        use chrono::{DateTime, NaiveDateTime, TimeDelta, Timelike};
+        use proptest::prelude::*;
+
+        /// A naive time from year 1000 to 9999 with milliseconds.
+        fn naive() -> impl Strategy<Value = NaiveDateTime> {
+            (-30_610_224_000i64..253_402_300_799, 0u32..1000).prop_map(|(secs, ms)| {
+                DateTime::from_timestamp(secs, ms * 1_000_000)
+                    .unwrap()
+                    .naive_utc()
+            })
+        }
+
+        proptest! {
+            /// A naive UTC+8 time is the same wall time minus eight hours, with or
+            /// without milliseconds, with a space or a `T`; its RFC 3339 UTC text
+            /// parses back to the same instant and ends in `Z`.
+            #[test]
+            fn utc8_is_an_eight_hour_shift(t in naive(), millis in any::<bool>(), tee in any::<bool>()) {
+                let t = if millis { t } else { t.with_nanosecond(0).unwrap() };
+                let fmt = match (tee, millis) {
+                    (false, false) => "%Y-%m-%d %H:%M:%S",
+                    (false, true) => "%Y-%m-%d %H:%M:%S%.3f",
+                    (true, false) => "%Y-%m-%dT%H:%M:%S",
+                    (true, true) => "%Y-%m-%dT%H:%M:%S%.3f",
+                };
+                let text = t.format(fmt).to_string();
+                let cst = FixedOffset::east_opt(8 * 3600).unwrap();
+                let got = parse_provider_time(&text, cst).unwrap().unwrap();
+                prop_assert_eq!(got, (t - TimeDelta::hours(8)).and_utc());
+                let out = rfc3339(got);
+                prop_assert!(out.ends_with('Z'), "{}", out);
+                prop_assert_eq!(DateTime::parse_from_rfc3339(&out).unwrap().to_utc(), got);
+                // Milliseconds are written only when the provider gave them.
+                prop_assert_eq!(out.contains('.'), millis && t.nanosecond() != 0);
+            }
+
+            /// A naive time in any zone, and the same wall time written with that
+            /// zone's explicit offset, are the same instant: `wall - offset`.
+            #[test]
+            fn naive_zone_equals_explicit_offset(t in naive(), minutes in -14 * 60i32..=14 * 60) {
+                let zone = FixedOffset::east_opt(minutes * 60).unwrap();
+                let naive_text = t.format("%Y-%m-%d %H:%M:%S%.f").to_string();
+                let with_offset = format!("{}{zone}", t.format("%Y-%m-%dT%H:%M:%S%.f"));
+                let a = parse_provider_time(&naive_text, zone).unwrap().unwrap();
+                let utc = FixedOffset::east_opt(0).unwrap();
+                let b = parse_provider_time(&with_offset, utc).unwrap().unwrap();
+                prop_assert_eq!(a, b);
+                prop_assert_eq!(a, (t - TimeDelta::minutes(i64::from(minutes))).and_utc());
+            }
+
+            /// Any text: a time, nothing (blank), or an error naming it; never a
+            /// panic.
+            #[test]
+            fn any_text_is_handled(s in "\\PC{0,30}|[0-9: T.+-]{0,30}") {
+                let cst = FixedOffset::east_opt(8 * 3600).unwrap();
+                match parse_provider_time(&s, cst) {
+                    Ok(None) => prop_assert!(s.trim().is_empty()),
+                    // Past 9999 (a late time with a negative offset) chrono
+                    // writes a signed year, which RFC 3339 cannot hold.
+                    Ok(Some(t)) if rfc3339(t).starts_with('+') => {}
+                    Ok(Some(t)) => prop_assert_eq!(
+                        DateTime::parse_from_rfc3339(&rfc3339(t)).unwrap().to_utc(),
+                        t
+                    ),
+                    Err(e) => prop_assert!(!s.trim().is_empty() && e.contains("time")),
+                }
+            }
+        }
+    }
 }

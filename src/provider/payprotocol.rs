@@ -69,7 +69,7 @@ impl Currencies {
             .copied()
     }
 
-    fn insert(&mut self, chain_id: i64, symbol: &str, decimals: u32) {
+    pub(crate) fn insert(&mut self, chain_id: i64, symbol: &str, decimals: u32) {
         self.0
             .insert((chain_id, symbol.to_ascii_uppercase()), decimals);
     }
@@ -239,12 +239,13 @@ struct DetailDto {
     block_time: Option<i64>,
 }
 
+/// One entry of `GET /conf/list/currency` (`pub(crate)` for `crate::fuzzing`).
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct CurrencyDto {
-    chain_id: i64,
-    symbol: String,
-    decimals: u32,
+pub(crate) struct CurrencyDto {
+    pub(crate) chain_id: i64,
+    pub(crate) symbol: String,
+    pub(crate) decimals: u32,
 }
 
 /// Amount fields are documented as strings; accept bare integers too (never floats).
@@ -360,7 +361,7 @@ fn classify_envelope<T: serde::de::DeserializeOwned>(
     }
 }
 
-fn classify_currencies(raw: &RawResponse) -> Result<Vec<CurrencyDto>, FetchError> {
+pub(crate) fn classify_currencies(raw: &RawResponse) -> Result<Vec<CurrencyDto>, FetchError> {
     Ok(classify_envelope::<Vec<CurrencyDto>>(raw)?.unwrap_or_default())
 }
 
@@ -658,5 +659,190 @@ mod tests {
             ),
             "TTapR5tRnCrznCT7WzQMRXZBIyby/YdJAFR7GOoG0Eo="
         );
+    }
+
+    mod properties {
+        use super::*;
+        use crate::fetch::retry::{Action, RetryPolicy, classify};
+        use proptest::prelude::*;
+        use serde_json::json;
+        use sha2::Digest;
+        use std::sync::OnceLock;
+
+        /// HMAC-SHA256 written out from RFC 2104 over plain SHA-256, as the model
+        /// of `sign`.
+        fn hmac_sha256(key: &[u8], message: &[u8]) -> Vec<u8> {
+            let mut k = if key.len() > 64 {
+                Sha256::digest(key).to_vec()
+            } else {
+                key.to_vec()
+            };
+            k.resize(64, 0);
+            let pad = |b: u8| k.iter().map(|x| x ^ b).collect::<Vec<u8>>();
+            let inner = Sha256::new()
+                .chain_update(pad(0x36))
+                .chain_update(message)
+                .finalize();
+            Sha256::new()
+                .chain_update(pad(0x5c))
+                .chain_update(inner)
+                .finalize()
+                .to_vec()
+        }
+
+        /// One client for all cases (building a transport per case is slow).
+        fn client() -> &'static PayProtocol {
+            static CLIENT: OnceLock<PayProtocol> = OnceLock::new();
+            CLIENT.get_or_init(|| {
+                let settings = PayProtocolSettings {
+                    base_url: "https://api-sandbox.payprotocol.network/api/mer".into(),
+                    api_key: "k".into(),
+                    api_secret: SecretString::from("s"),
+                    naive_zone: cst(),
+                    decimals: HashMap::new(),
+                };
+                let limiter = std::sync::Arc::new(crate::fetch::Limiter::new(1.0, 1));
+                let t = Transport::new(limiter, Duration::from_secs(1), 1024, Default::default())
+                    .unwrap();
+                PayProtocol::new(settings, t).unwrap()
+            })
+        }
+
+        /// Query values with URL-special, reserved and non-ASCII characters.
+        fn param() -> impl Strategy<Value = String> {
+            prop_oneof![
+                "[A-Za-z0-9-]{1,20}",
+                "[ &=?#%+/.;:@'\"\\\\中é€\u{0}-]{1,12}",
+                "\\PC{1,16}"
+            ]
+        }
+
+        proptest! {
+            /// The signature is standard Base64 of HMAC-SHA256 over exactly
+            /// `timestamp + METHOD + target + body`, for any secret, method case,
+            /// target and body.
+            #[test]
+            fn signature_is_hmac_of_the_canonical_string(
+                secret in proptest::collection::vec(any::<u8>(), 0..100),
+                ts in "[0-9]{10}",
+                method in "(get|GET|Post|POST)",
+                target in "/api/mer/[ -~]{0,40}",
+                body in proptest::collection::vec(any::<u8>(), 0..64),
+            ) {
+                let got = sign(&secret, &ts, &method, &target, &body);
+                let mut message = format!("{ts}{}{target}", method.to_ascii_uppercase()).into_bytes();
+                message.extend_from_slice(&body);
+                let raw = base64::engine::general_purpose::STANDARD.decode(&got).unwrap();
+                prop_assert_eq!(raw, hmac_sha256(&secret, &message));
+                prop_assert_eq!(got.len(), 44);
+            }
+
+            /// The detail URL for any order and payment number: the query decodes
+            /// back to exactly those values, is plain ASCII, reads the same after the
+            /// URL is parsed again (so what is sent is what was signed), and the
+            /// signature covers `path?query` as sent.
+            #[test]
+            fn detail_target_encodes_once_and_is_signed_as_sent(order in param(), payment in param()) {
+                let p = client();
+                let url = p.url("/payment/detail", &[("outTradeNo", &order), ("outPaymentNo", &payment)]);
+                let query = url.query().unwrap();
+                let pairs: Vec<(String, String)> = form_urlencoded::parse(query.as_bytes())
+                    .into_owned()
+                    .collect();
+                prop_assert_eq!(
+                    pairs,
+                    vec![("outTradeNo".to_owned(), order.clone()), ("outPaymentNo".to_owned(), payment.clone())]
+                );
+                prop_assert!(query.bytes().all(|b| b.is_ascii_graphic()), "{}", query);
+                prop_assert!(!query.contains('#'));
+                let again = Url::parse(url.as_str()).unwrap();
+                prop_assert_eq!(again.query(), Some(query));
+                prop_assert_eq!(again.path(), "/api/mer/payment/detail");
+                // The same inputs always give the same target.
+                let twice = p.url("/payment/detail", &[("outTradeNo", &order), ("outPaymentNo", &payment)]);
+                prop_assert_eq!(twice.as_str(), url.as_str());
+                let target = format!("{}?{}", again.path(), query);
+                let want = hmac_sha256(b"test_secret", format!("1723971200GET{target}").as_bytes());
+                let got = sign(b"test_secret", "1723971200", "GET", &target, b"");
+                prop_assert_eq!(base64::engine::general_purpose::STANDARD.decode(got).unwrap(), want);
+            }
+
+            /// Any HTTP status and body: a class, never a panic. The HTTP status
+            /// decides before the body: 5xx and 408 are retried, 429 is retried
+            /// pausing every worker, 401/403 stop the run, 404 is not found, other
+            /// non-2xx are refused.
+            #[test]
+            fn any_answer_is_classified(
+                status in 100u16..600,
+                body in proptest::collection::vec(any::<u8>(), 0..80),
+                retry_after in proptest::option::of(0u64..300),
+            ) {
+                let r = RawResponse {
+                    status,
+                    retry_after: retry_after.map(Duration::from_secs),
+                    body: Bytes::from(body),
+                };
+                let result = classify_detail(&r, &table(), cst());
+                let action = classify(&result, 1, &RetryPolicy::default(), 0.5);
+                match status {
+                    408 | 500..=599 => {
+                        prop_assert!(matches!(result, Err(FetchError::Server { status: s, .. }) if s == status), "{:?}", result);
+                        prop_assert!(matches!(action, Action::Retry { pause_all: false, .. }), "{:?}", action);
+                    }
+                    429 => prop_assert!(matches!(action, Action::Retry { pause_all: true, .. }), "{:?}", action),
+                    401 | 403 => prop_assert_eq!(action, Action::Abort),
+                    404 => prop_assert_eq!(result, Err(FetchError::NotFound)),
+                    200..=299 => {}
+                    _ => prop_assert!(matches!(result, Err(FetchError::Rejected(_))), "{:?}", result),
+                }
+            }
+
+            /// A 2xx with a well-formed success body maps to a detail (never a
+            /// retry): status from the code table, amounts scaled exactly by the
+            /// currency's decimals, `createTime` shifted from UTC+8, `blockTime` as
+            /// Unix seconds.
+            #[test]
+            fn success_answers_map_exactly(
+                status in 200u16..300,
+                code in -2i64..10,
+                usdt in any::<bool>(),
+                settled in proptest::option::of("[0-9]{1,40}"),
+                expected in proptest::option::of(any::<u64>()),
+                quote in proptest::option::of("[0-9]{1,6}(\\.[0-9]{1,6})?"),
+                created in 0i64..4_000_000_000,
+                block in proptest::option::of(1i64..4_000_000_000),
+                order in "\\PC{1,20}",
+            ) {
+                let (chain, symbol, dec): (i64, &str, usize) = if usdt { (1, "usdt", 6) } else { (2, "ETH", 18) };
+                let created_text = DateTime::from_timestamp(created, 0).unwrap().naive_utc()
+                    .format("%Y-%m-%d %H:%M:%S").to_string();
+                let body = json!({"code": 200, "msg": "success", "data": {
+                    "outTradeNo": order, "paymentStatus": code, "chainId": chain,
+                    "settlementCurrencySymbol": symbol, "settlementAmount": settled,
+                    "expectedAmount": expected, "quoteAmount": quote, "quoteCurrencySymbol": "USD",
+                    "createTime": created_text, "blockTime": block, "paymentType": 1,
+                }});
+                let result = classify_detail(&raw(status, &body.to_string()), &table(), cst());
+                prop_assert_eq!(classify(&result, 1, &RetryPolicy::default(), 0.5), Action::Done);
+                let d = result.unwrap();
+                prop_assert_eq!(d.status, map_status(code));
+                prop_assert_eq!(d.provider_status, code.to_string());
+                let scaled = |units: &str| {
+                    let n = units.trim_start_matches('0');
+                    let n = format!("{}{n}", "0".repeat((dec + 1).saturating_sub(n.len())));
+                    let (i, f) = n.split_at(n.len() - dec);
+                    format!("{i}.{f}")
+                };
+                prop_assert_eq!(d.amount.map(|a| a.to_string()), settled.as_deref().map(scaled));
+                prop_assert_eq!(
+                    d.expected_amount.map(|a| a.to_string()),
+                    expected.map(|e| scaled(&e.to_string()))
+                );
+                prop_assert_eq!(d.quote_amount.map(|a| a.to_string()), quote);
+                prop_assert_eq!(d.created_at, DateTime::from_timestamp(created - 8 * 3600, 0));
+                prop_assert_eq!(d.paid_at, block.and_then(|b| DateTime::from_timestamp(b, 0)));
+                prop_assert_eq!(d.currency.as_deref(), Some(symbol));
+            }
+        }
     }
 }
