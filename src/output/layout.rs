@@ -12,6 +12,7 @@
 
 use std::fmt;
 use std::io;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 use std::str::FromStr;
 
@@ -254,8 +255,13 @@ impl BatchKey {
     }
 }
 
-/// `mkdir -p root/rel`, fsyncing the parent of every directory it creates so
-/// that the new directory entries survive a crash. A path that exists but is
+/// Mode of the directories paysync creates (output and partitions), whatever
+/// the umask: like the files' 0640, no access for others.
+pub const DIR_MODE: u32 = 0o750;
+
+/// `mkdir -p root/rel` (new directories get [`DIR_MODE`]), fsyncing the parent
+/// of every directory it creates so that the new directory entries survive a
+/// crash. A path that exists but is
 /// not a directory is an error saying so.
 pub fn create_dirs(root: &Path, rel: &Path) -> Result<(), OutputError> {
     let target = root.join(rel);
@@ -281,8 +287,13 @@ pub fn create_dirs(root: &Path, rel: &Path) -> Result<(), OutputError> {
         }
     }
     for dir in missing.iter().rev() {
-        match std::fs::create_dir(dir) {
-            Ok(()) => {}
+        match std::fs::DirBuilder::new().mode(DIR_MODE).create(dir) {
+            // The umask may have taken bits away, or added none: set it exactly.
+            Ok(()) => std::fs::set_permissions(dir, std::fs::Permissions::from_mode(DIR_MODE))
+                .map_err(|source| OutputError::CreateDir {
+                    path: dir.clone(),
+                    source,
+                })?,
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists && dir.is_dir() => {}
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Err(not_a_dir(dir)),
             Err(source) => {
@@ -408,6 +419,13 @@ mod tests {
         let root = tempfile::tempdir().unwrap();
         create_dirs(root.path(), Path::new("a/b=1/c")).unwrap();
         assert!(root.path().join("a/b=1/c").is_dir());
+        for d in ["a", "a/b=1", "a/b=1/c"] {
+            let mode = std::fs::metadata(root.path().join(d))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, DIR_MODE, "{d}");
+        }
         create_dirs(root.path(), Path::new("a/b=1/c")).unwrap();
         create_dirs(root.path(), Path::new("")).unwrap();
         std::fs::write(root.path().join("file"), b"x").unwrap();

@@ -1153,9 +1153,10 @@ async fn https_with_a_self_signed_certificate_is_refused() {
     }
 }
 
-/// Under `umask 000`, output files, manifests and rejects are created 0640 and the
-/// state file with its WAL, shared-memory and lock files 0600 (checked while the
-/// daemon holds them open, and after a run).
+/// Under `umask 000`, output files, manifests, `_SUCCESS` and rejects are created
+/// 0640, output and partition directories 0750, and the state file with its WAL,
+/// shared-memory and lock files 0600 (checked while the daemon holds them open,
+/// and after a run).
 #[tokio::test(flavor = "multi_thread")]
 async fn files_have_restrictive_modes_whatever_the_umask() {
     let server = mock(MockOptions::default()).await;
@@ -1234,6 +1235,54 @@ async fn files_have_restrictive_modes_whatever_the_umask() {
     assert_eq!(child.wait().await.unwrap().code(), Some(0));
     assert_eq!(mode("state.db"), 0o600);
 
+    // Parquet in partitions: the directories paysync creates are 0750.
+    let config = std::fs::read_to_string(ws.path("config.toml")).unwrap();
+    let config = config
+        .replace("dir = \"out\"", "dir = \"out2\"")
+        .replace("path = \"state.db\"", "path = \"state2.db\"")
+        .replace(
+            "format = \"jsonl\"",
+            "format = \"parquet\"\npath_template = \"{provider}/dt={date}/p-{run_id}.{format}\"",
+        );
+    assert!(
+        config.contains("out2") && config.contains("state2.db") && config.contains("parquet"),
+        "{config}"
+    );
+    ws.write("config2.toml", &config);
+    let out = umask000(&["run", "--config", "config2.toml", "--no-progress"])
+        .args(["--input", "orders.csv"])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(mode("out2"), 0o750);
+    assert!(
+        ws.path("out2/payprotocol").is_dir(),
+        "{}\n{}\n{config}",
+        stdout(&out),
+        stderr(&out)
+    );
+    assert_eq!(mode("out2/payprotocol"), 0o750);
+    let partition = std::fs::read_dir(ws.path("out2/payprotocol"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    assert_eq!(
+        std::fs::metadata(&partition).unwrap().permissions().mode() & 0o777,
+        0o750
+    );
+    let mut parquet = 0;
+    for e in std::fs::read_dir(&partition).unwrap() {
+        let p = e.unwrap().path();
+        parquet += usize::from(p.extension().is_some_and(|x| x == "parquet"));
+        let m = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(m, 0o640, "{}: {m:o}", p.display());
+    }
+    assert_eq!(parquet, 1);
+
+    assert_eq!(mode("out"), 0o750);
     let files = ws.out_files();
     let kinds = [".jsonl", ".csv", ".manifest.json", "rejects-"];
     for k in kinds {
