@@ -227,8 +227,9 @@ async fn run_with(server_url: &str, output: &str) -> (Workspace, Vec<String>) {
 }
 
 /// Parquet in Hive-style partitions: typed columns that read back (with the
-/// parquet crate) to the same values as a JSONL run of the same orders, every
-/// amount exact; the file sits at the templated path beside its manifest and
+/// parquet crate) to the same values as a JSONL run of the same orders, and to
+/// exactly the rows of the same run (times included) as its state file keeps
+/// them for JSONL; every amount exact; the file sits at the templated path beside its manifest and
 /// the run's `_SUCCESS`; nothing but those files in the output tree.
 #[tokio::test(flavor = "multi_thread")]
 async fn parquet_partitioned_output_matches_jsonl() {
@@ -272,6 +273,25 @@ async fn parquet_partitioned_output_matches_jsonl() {
     assert_eq!(b.len(), orders.len());
     for o in &orders {
         assert_same_row(&a[o], &b[o], false);
+    }
+    // The same run, value for value, times included: the state file keeps each
+    // row as exactly the JSON a JSONL export of this run would write.
+    let state = rusqlite::Connection::open_with_flags(
+        pq_ws.path("state.db"),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )
+    .unwrap();
+    let stored: Vec<Value> = state
+        .prepare("SELECT row FROM observations ORDER BY seq")
+        .unwrap()
+        .query_map([], |r| r.get::<_, String>(0))
+        .unwrap()
+        .map(|r| serde_json::from_str(&r.unwrap()).unwrap())
+        .collect();
+    let same_run = by_order(&stored);
+    assert_eq!(same_run.len(), orders.len());
+    for o in &orders {
+        assert_same_row(&same_run[o], &b[o], true);
     }
     // Exact amounts: 18 decimals and more than 2^64 base units survive.
     let big = &b[&numbered("BIG", 1)[0]];
