@@ -291,14 +291,7 @@ async fn export_missed_while_down_runs_at_start() {
     // A second run dies after recording polls: rows wait in state, unexported.
     ws.write("b.csv", &orders_csv(&numbered("PAID-B", 3)));
     let crashed = ws
-        .command(&[
-            "run",
-            "--config",
-            "config.toml",
-            "--no-progress",
-            "--input",
-            "b.csv",
-        ])
+        .run_command(&["--input", "b.csv"])
         .env(paysync::failpoint::ENV, "after-first-record")
         .output()
         .await

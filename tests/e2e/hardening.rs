@@ -562,14 +562,7 @@ async fn config_mistakes_name_the_file_and_key() {
             .unwrap();
         assert_usage_error(&out, &needles, text);
         let out = ws
-            .command(&[
-                "run",
-                "--config",
-                "config.toml",
-                "--no-progress",
-                "--input",
-                "orders.csv",
-            ])
+            .run_command(&["--input", "orders.csv"])
             .env_remove("PAYSYNC_HARDENING_UNSET_VAR")
             .output()
             .await
@@ -671,7 +664,7 @@ async fn unwritable_output_fails_clearly_and_a_rerun_writes_the_rows() {
     std::fs::remove_file(ws.path("out")).unwrap();
 
     let child = ws
-        .command(&["run", "--config", "config.toml", "--no-progress"])
+        .run_command(&[])
         .args(["--input", "orders.csv", "--max-wait", "60s"])
         .stderr(std::process::Stdio::piped())
         .spawn()

@@ -210,16 +210,7 @@ async fn sigkill_at_any_moment_loses_and_duplicates_nothing() {
             "[fetch]\nconcurrency = 2\nrate_limit = 200.0\nburst = 1\n",
         );
         let crashed = ws
-            .command(&[
-                "run",
-                "--config",
-                "config.toml",
-                "--no-progress",
-                "--input",
-                "orders.csv",
-                "--max-wait",
-                "30s",
-            ])
+            .run_command(&["--input", "orders.csv", "--max-wait", "30s"])
             .env(paysync::failpoint::ENV, point)
             .output()
             .await
@@ -254,17 +245,7 @@ async fn external_sigkill_while_fetching() {
         SECRET,
         "[fetch]\nconcurrency = 4\n",
     );
-    let mut child = ws
-        .command(&[
-            "run",
-            "--config",
-            "config.toml",
-            "--no-progress",
-            "--input",
-            "orders.csv",
-        ])
-        .spawn()
-        .unwrap();
+    let mut child = ws.run_command(&["--input", "orders.csv"]).spawn().unwrap();
     let counters = server.counters();
     wait_for("requests in flight", || {
         counters.snapshot().payprotocol_detail_requests >= 40
@@ -296,17 +277,7 @@ async fn second_process_on_same_state_is_refused() {
         SECRET,
         "[fetch]\nconcurrency = 1\n",
     );
-    let first = ws
-        .command(&[
-            "run",
-            "--config",
-            "config.toml",
-            "--no-progress",
-            "--input",
-            "orders.csv",
-        ])
-        .spawn()
-        .unwrap();
+    let first = ws.run_command(&["--input", "orders.csv"]).spawn().unwrap();
     let counters = server.counters();
     wait_for("first run fetching", || {
         counters.snapshot().payprotocol_detail_requests >= 1
@@ -379,17 +350,7 @@ async fn status_reports_orders_and_runs() {
         "[fetch]\nconcurrency = 1\n",
     );
     ws.write("more.csv", &orders_csv(&numbered("PAID-MORE", 10)));
-    let running = ws
-        .command(&[
-            "run",
-            "--config",
-            "config.toml",
-            "--no-progress",
-            "--input",
-            "more.csv",
-        ])
-        .spawn()
-        .unwrap();
+    let running = ws.run_command(&["--input", "more.csv"]).spawn().unwrap();
     let counters = slow.counters();
     wait_for("second run fetching", || {
         counters.snapshot().payprotocol_detail_requests >= 1

@@ -107,11 +107,17 @@ impl Workspace {
         cmd
     }
 
-    /// `paysync run --config config.toml --no-progress` plus `args`.
+    /// `paysync run --config config.toml --no-progress` plus `args`, not started
+    /// (for tests that set a failpoint, signal it, or run two at once).
+    pub fn run_command(&self, args: &[&str]) -> tokio::process::Command {
+        let mut cmd = self.command(&["run", "--config", "config.toml", "--no-progress"]);
+        cmd.args(args);
+        cmd
+    }
+
+    /// `paysync run --config config.toml --no-progress` plus `args`, to the end.
     pub async fn run(&self, args: &[&str]) -> Output {
-        let mut all = vec!["run", "--config", "config.toml", "--no-progress"];
-        all.extend_from_slice(args);
-        self.paysync(&all).await
+        self.run_command(args).output().await.expect("paysync runs")
     }
 
     /// Every row of every committed (manifested) data file, checked against its

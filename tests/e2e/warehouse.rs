@@ -484,14 +484,7 @@ async fn killed_parquet_writer_leaves_no_partial_file() {
         &format!("[output]\nformat = \"parquet\"\npath_template = \"{PARTITIONED}\"\n"),
     );
     let crashed = ws
-        .command(&[
-            "run",
-            "--config",
-            "config.toml",
-            "--no-progress",
-            "--input",
-            "orders.csv",
-        ])
+        .run_command(&["--input", "orders.csv"])
         .env(paysync::failpoint::ENV, "mid-write")
         .output()
         .await
