@@ -382,7 +382,7 @@ pub async fn run_daemon(
             .await
             .map_err(|e| RunError::Task(e.to_string()))??;
     }
-    crate::output::layout::create_dirs(Path::new(""), &settings.output.dir)?;
+    crate::output::layout::create_dirs(&settings.output.dir)?;
     engine.prepare().await?;
     let last_commit = {
         let store = engine.store.clone();

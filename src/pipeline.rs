@@ -756,9 +756,8 @@ fn write_batch(
     } = meta;
     let key = BatchKey::decode(&batch.name);
     let name = key.path.stem.as_str();
-    layout::create_dirs(Path::new(""), root)?;
-    layout::create_dirs(root, &key.path.dir)?;
     let dir = root.join(&key.path.dir);
+    layout::create_dirs(&dir)?;
     let manifest = match committed_manifest(&dir, name)? {
         Some(m) => m,
         None => write_file(
@@ -980,7 +979,7 @@ pub async fn run(
         .await
         .map_err(task_error)??;
     }
-    layout::create_dirs(Path::new(""), &settings.output.dir)?;
+    layout::create_dirs(&settings.output.dir)?;
     let engine = Arc::new(Engine::open(settings.clone()).await?);
     let run_started = engine.clock.now();
     let run_id = new_run_id(run_started);

@@ -259,12 +259,12 @@ impl BatchKey {
 /// the umask: like the files' 0640, no access for others.
 pub const DIR_MODE: u32 = 0o750;
 
-/// `mkdir -p root/rel` (new directories get [`DIR_MODE`]), fsyncing the parent
-/// of every directory it creates so that the new directory entries survive a
+/// `mkdir -p dir` (new directories get [`DIR_MODE`]), fsyncing the parent of
+/// every directory it creates so that the new directory entries survive a
 /// crash. A path that exists but is
 /// not a directory is an error saying so.
-pub fn create_dirs(root: &Path, rel: &Path) -> Result<(), OutputError> {
-    let target = root.join(rel);
+pub fn create_dirs(dir: &Path) -> Result<(), OutputError> {
+    let target = dir.to_owned();
     let not_a_dir = |path: &Path| OutputError::CreateDir {
         path: path.to_owned(),
         source: io::Error::new(
@@ -417,7 +417,7 @@ mod tests {
     #[test]
     fn create_dirs_nested() {
         let root = tempfile::tempdir().unwrap();
-        create_dirs(root.path(), Path::new("a/b=1/c")).unwrap();
+        create_dirs(&root.path().join("a/b=1/c")).unwrap();
         assert!(root.path().join("a/b=1/c").is_dir());
         for d in ["a", "a/b=1", "a/b=1/c"] {
             let mode = std::fs::metadata(root.path().join(d))
@@ -426,11 +426,11 @@ mod tests {
                 .mode();
             assert_eq!(mode & 0o777, DIR_MODE, "{d}");
         }
-        create_dirs(root.path(), Path::new("a/b=1/c")).unwrap();
-        create_dirs(root.path(), Path::new("")).unwrap();
+        create_dirs(&root.path().join("a/b=1/c")).unwrap();
+        create_dirs(root.path()).unwrap();
         std::fs::write(root.path().join("file"), b"x").unwrap();
         for rel in ["file", "file/sub"] {
-            let e = create_dirs(root.path(), Path::new(rel)).unwrap_err();
+            let e = create_dirs(&root.path().join(rel)).unwrap_err();
             assert!(matches!(e, OutputError::CreateDir { .. }), "{e:?}");
             let msg = format!("{e}: {}", std::error::Error::source(&e).unwrap());
             assert!(msg.contains("cannot create output directory"), "{msg}");

@@ -190,10 +190,14 @@ impl Encoding {
     pub fn with(format: Format, compression: Compression) -> Result<Self, String> {
         if !format.is_supported() {
             return Err(format!(
-                "this paysync was built without the {format:?} cargo feature",
-                format = format.as_str()
+                "this paysync was built without the {format} cargo feature"
             ));
         }
+        Self::pair(format, compression)
+    }
+
+    /// The pair, whatever this build supports: only snappy is refused for text.
+    fn pair(format: Format, compression: Compression) -> Result<Self, String> {
         if compression == Compression::Snappy && format != Format::Parquet {
             return Err(format!(
                 "snappy is only available for parquet; {format} takes \"none\", \"gzip\" or \"zstd\""
@@ -222,7 +226,7 @@ impl Encoding {
         let mut v = Vec::new();
         for format in Format::ALL {
             for compression in Compression::ALL {
-                if let Ok(e) = Encoding::with_unchecked(format, compression) {
+                if let Ok(e) = Encoding::pair(format, compression) {
                     let ext = e.extension();
                     if !v.contains(&ext) {
                         v.push(ext);
@@ -231,16 +235,6 @@ impl Encoding {
             }
         }
         v
-    }
-
-    fn with_unchecked(format: Format, compression: Compression) -> Result<Self, ()> {
-        if compression == Compression::Snappy && format != Format::Parquet {
-            return Err(());
-        }
-        Ok(Self {
-            format,
-            compression,
-        })
     }
 }
 

@@ -34,6 +34,7 @@ use parquet::file::writer::SerializedFileWriter;
 use parquet::schema::types::{Type, TypePtr};
 
 use crate::model::{Amount, Observation};
+use crate::schema::{COLUMNS, Column, ColumnType};
 
 use super::Compression;
 use super::atomic::HashingWriter;
@@ -58,33 +59,18 @@ enum Kind {
     Time,
 }
 
-/// The fixed columns: names as in [`crate::model::OUTPUT_COLUMNS`].
-const COLUMNS: [(&str, Kind); 24] = [
-    ("provider", Kind::Str),
-    ("order_no", Kind::Str),
-    ("status", Kind::Str),
-    ("provider_status", Kind::Str),
-    ("settled", Kind::Bool),
-    ("tracking", Kind::Str),
-    ("amount", Kind::OptStr),
-    ("currency", Kind::OptStr),
-    ("quote_amount", Kind::OptStr),
-    ("quote_currency", Kind::OptStr),
-    ("expected_amount", Kind::OptStr),
-    ("payment_no", Kind::OptStr),
-    ("payment_method", Kind::OptStr),
-    ("tx_hash", Kind::OptStr),
-    ("from_address", Kind::OptStr),
-    ("to_address", Kind::OptStr),
-    ("chain_id", Kind::OptStr),
-    ("paid_account", Kind::OptStr),
-    ("created_at", Kind::OptTime),
-    ("paid_at", Kind::OptTime),
-    ("observed_at", Kind::Time),
-    ("first_seen_at", Kind::Time),
-    ("polls", Kind::Int64),
-    ("error", Kind::OptStr),
-];
+/// How fixed column `c` of [`crate::schema::COLUMNS`] (the one table of
+/// column names, types and nullability) is stored.
+fn kind(c: &Column) -> Kind {
+    match (c.ty, c.nullable) {
+        (ColumnType::String | ColumnType::Decimal, false) => Kind::Str,
+        (ColumnType::String | ColumnType::Decimal, true) => Kind::OptStr,
+        (ColumnType::Boolean, _) => Kind::Bool,
+        (ColumnType::Int64, _) => Kind::Int64,
+        (ColumnType::Timestamp, false) => Kind::Time,
+        (ColumnType::Timestamp, true) => Kind::OptTime,
+    }
+}
 
 fn pq_err(e: parquet::errors::ParquetError) -> io::Error {
     match e {
@@ -100,7 +86,8 @@ fn pq_err(e: parquet::errors::ParquetError) -> io::Error {
 /// given input columns (omitted when there are none).
 fn schema(input_columns: &[String]) -> Result<TypePtr, parquet::errors::ParquetError> {
     let mut fields: Vec<TypePtr> = Vec::with_capacity(COLUMNS.len() + 1);
-    for (name, kind) in COLUMNS {
+    for c in &COLUMNS {
+        let (name, kind) = (c.name, kind(c));
         let (physical, logical, repetition) = match kind {
             Kind::Str => (
                 PhysicalType::BYTE_ARRAY,
@@ -291,7 +278,7 @@ impl ParquetSink {
     }
 
     pub(super) fn write(&mut self, row: &Observation) -> io::Result<()> {
-        for (i, (_, kind)) in COLUMNS.iter().enumerate() {
+        for (i, kind) in COLUMNS.iter().map(kind).enumerate() {
             let col = &mut self.columns[i];
             match kind {
                 Kind::Str => col.push_str(text(row, i), false),
@@ -348,7 +335,7 @@ impl ParquetSink {
         let mut group = self.writer.next_row_group().map_err(pq_err)?;
         let kinds = COLUMNS
             .iter()
-            .map(|(_, k)| *k)
+            .map(kind)
             .chain(std::iter::repeat(Kind::OptStr));
         for (buf, kind) in self.columns.iter_mut().zip(kinds) {
             let mut col = group
@@ -606,6 +593,25 @@ mod tests {
         assert!(groups >= 2, "{groups} row groups");
         let n = reader.get_row_iter(None).unwrap().count();
         assert_eq!(n, 1200);
+    }
+
+    /// The per-index accessors agree with the schema table: on a row with every
+    /// field set, string columns give text, time columns a time, and no column
+    /// gives both.
+    #[test]
+    fn accessors_follow_the_schema_table() {
+        let mut row = sample();
+        row.paid_account = Some("acct".into());
+        for (i, c) in COLUMNS.iter().enumerate() {
+            let (t, tm) = (text(&row, i), time(&row, i));
+            match kind(c) {
+                Kind::Str | Kind::OptStr => assert!(t.is_some() && tm.is_none(), "{}", c.name),
+                Kind::Time | Kind::OptTime => assert!(t.is_none() && tm.is_some(), "{}", c.name),
+                Kind::Bool | Kind::Int64 => assert!(t.is_none() && tm.is_none(), "{}", c.name),
+            }
+        }
+        assert_eq!(text(&row, 1), Some("ORD-1"));
+        assert_eq!(COLUMNS[1].name, "order_no");
     }
 
     /// A truncated file (no footer) does not verify.
