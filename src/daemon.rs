@@ -98,7 +98,11 @@ impl Daemon {
             return;
         };
         let me = self.clone();
-        let result = tokio::task::spawn_blocking(move || me.sources.ingest(&me)).await;
+        let result = tokio::task::spawn_blocking(move || {
+            crate::failpoint::delay("slow-ingest");
+            me.sources.ingest(&me)
+        })
+        .await;
         match result {
             Ok(Ok(n)) if n > 0 => tracing::info!(orders = n, "ingested"),
             Ok(Ok(_)) => tracing::debug!("ingest found nothing new"),

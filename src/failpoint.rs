@@ -1,11 +1,15 @@
-//! Crash points for the crash-safety tests: when the environment variable
+//! Crash and delay points for tests: when the environment variable
 //! `PAYSYNC_FAILPOINT` names a point, the process kills itself with a real SIGKILL
-//! there. Unset (always, in production), each check is one environment lookup at a
-//! handful of places per export, never per row.
+//! there (crash points) or stalls there for a while (delay points). Unset (always,
+//! in production), each check is one environment lookup at a handful of places per
+//! export or ingest turn, never per row.
 //!
-//! Points: `after-first-record` (while fetching), `mid-write` (data file half
+//! Crash points: `after-first-record` (while fetching), `mid-write` (data file half
 //! written), `after-data-rename` (data file in place, no manifest yet),
 //! `before-batch-commit` (manifest written, state not yet told).
+//!
+//! Delay points: `slow-ingest` (each daemon ingest turn takes [`SLOW`] longer, so
+//! a test can see the next turn skipped without depending on how fast ingest is).
 
 /// The environment variable naming the crash point.
 pub const ENV: &str = "PAYSYNC_FAILPOINT";
@@ -19,6 +23,17 @@ pub fn armed(name: &str) -> bool {
 pub fn hit(name: &str) {
     if armed(name) {
         kill_self();
+    }
+}
+
+/// How long a delay point stalls.
+pub const SLOW: std::time::Duration = std::time::Duration::from_millis(2500);
+
+/// Stalls the calling (blocking) thread for [`SLOW`] if `name` is the configured
+/// delay point.
+pub fn delay(name: &str) {
+    if armed(name) {
+        std::thread::sleep(SLOW);
     }
 }
 

@@ -78,7 +78,17 @@ fn sigterm(child: &tokio::process::Child) {
 }
 
 fn start_daemon(ws: &Workspace, notify: Option<&Notifications>) -> tokio::process::Child {
+    start_daemon_with(ws, notify, &[])
+}
+
+/// [`start_daemon`] with extra environment variables.
+fn start_daemon_with(
+    ws: &Workspace,
+    notify: Option<&Notifications>,
+    env: &[(&str, &str)],
+) -> tokio::process::Child {
     let mut cmd = ws.command(&["daemon", "--config", "config.toml", "--log-format", "json"]);
+    cmd.envs(env.iter().copied());
     if let Some(n) = notify {
         cmd.env("NOTIFY_SOCKET", &n.path)
             .env("WATCHDOG_USEC", "200000");
@@ -327,9 +337,10 @@ async fn export_missed_while_down_runs_at_start() {
     assert_no_duplicates(&ws.rows());
 }
 
-/// A job never overlaps a still-running instance of itself: while a large inbox
-/// file is being ingested, the next ingest turns are skipped, and every order is
-/// registered once.
+/// A job never overlaps a still-running instance of itself: while an inbox file is
+/// being ingested (each turn stalled 2.5 s by the `slow-ingest` delay point, so
+/// this does not depend on how fast ingest is), the next ingest turns are skipped,
+/// and every order is registered once.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_running_ingest_is_not_started_again() {
     let server = mock(MockOptions::default()).await;
@@ -341,10 +352,13 @@ async fn a_running_ingest_is_not_started_again() {
         &format!("{DAEMON}\n[fetch]\nrate_limit = 5.0\nburst = 1\n"),
     );
     let notes = Notifications::listen(&ws);
-    let mut daemon = start_daemon(&ws, Some(&notes));
+    let mut daemon = start_daemon_with(
+        &ws,
+        Some(&notes),
+        &[("PAYSYNC_FAILPOINT", "slow-ingest")],
+    );
     wait_for("READY=1", || notes.has("READY=1")).await;
-    // Big enough that ingesting it spans several one-second ticks.
-    ws.write("big.tmp", &orders_csv(&numbered("PAID", 60_000)));
+    ws.write("big.tmp", &orders_csv(&numbered("PAID", 5_000)));
     std::fs::rename(ws.path("big.tmp"), ws.path("inbox/big.csv")).unwrap();
     wait_for("inbox file ingested", || {
         ws.path("inbox/done/big.csv").exists()
@@ -375,5 +389,5 @@ async fn a_running_ingest_is_not_started_again() {
         .iter()
         .map(|c| c["orders"].as_u64().unwrap())
         .sum();
-    assert_eq!(total, 60_000, "{v}");
+    assert_eq!(total, 5_000, "{v}");
 }
