@@ -2,9 +2,14 @@
 """The peer: what a user might write instead of paysync.
 
 Reads an order CSV, fetches each order's PayProtocol payment detail once, and writes
-one JSON line per order. Standard library only: asyncio streams speaking HTTP/1.1
-with keep-alive, a semaphore that bounds the requests in flight, and a small pool
-of connections (one per in-flight request at most).
+one JSON line per order. Standard library only, asyncio with a semaphore that bounds
+the requests in flight, and one of two HTTP clients (--client):
+
+- streams (default): asyncio streams speaking HTTP/1.1 with keep-alive, and a small
+  pool of connections (one per in-flight request at most). The careful version.
+- urllib: urllib.request.urlopen run in asyncio's default thread pool
+  (asyncio.to_thread), one connection per request. What the standard library
+  offers out of the box, and the way most scripts are written.
 
 Signing follows the PayProtocol spec: X-PAY-SIGN = base64(HMAC-SHA256(secret,
 timestamp + METHOD + path?query + body)), with X-PAY-KEY and X-PAY-TIMESTAMP.
@@ -14,6 +19,7 @@ GET /conf/list/currency (fetched once).
 Usage:
   peer.py --base-url http://127.0.0.1:PORT/api/mer --input orders.csv --output out.jsonl
           [--column order_no] [--concurrency 64] [--api-key demo-key]
+          [--client streams|urllib]
 The secret comes from $PAYSYNC_API_SECRET (default "demo-secret").
 """
 
@@ -28,7 +34,9 @@ import json
 import os
 import sys
 import time
+import urllib.error
 import urllib.parse
+import urllib.request
 
 STATUS = {0: "paid", 1: "pending", 2: "confirming", 3: "partially_paid",
           4: "failed", 5: "refunded"}
@@ -82,6 +90,8 @@ class Conn:
 
 
 class Client:
+    """Signed GETs with a bounded retry, over asyncio streams (keep-alive)."""
+
     def __init__(self, base_url, api_key, secret, concurrency):
         u = urllib.parse.urlsplit(base_url)
         self.host, self.port, self.prefix = u.hostname, u.port or 80, u.path.rstrip("/")
@@ -89,6 +99,16 @@ class Client:
         self.pool = asyncio.Queue()
         for _ in range(concurrency):
             self.pool.put_nowait(Conn(self.host, self.port))
+
+    async def request(self, target):
+        conn = await self.pool.get()
+        try:
+            return await conn.request(target, self.signed_headers(target))
+        except (OSError, asyncio.IncompleteReadError, ValueError):
+            conn.close()
+            raise
+        finally:
+            self.pool.put_nowait(conn)
 
     def signed_headers(self, target):
         ts = str(int(time.time()))
@@ -99,19 +119,34 @@ class Client:
     async def get(self, path, query):
         target = self.prefix + path + ("?" + urllib.parse.urlencode(query) if query else "")
         for attempt in range(1, MAX_ATTEMPTS + 1):
-            conn = await self.pool.get()
             try:
-                status, body = await conn.request(target, self.signed_headers(target))
+                status, body = await self.request(target)
             except (OSError, asyncio.IncompleteReadError, ValueError) as e:
-                conn.close()
                 status, body = None, str(e).encode()
-            finally:
-                self.pool.put_nowait(conn)
             if status is not None and status != 429 and status < 500:
                 return status, body
             if attempt < MAX_ATTEMPTS:
                 await asyncio.sleep(0.5 * attempt)
         return status, body
+
+
+class UrllibClient(Client):
+    """The same client over urllib.request in asyncio's thread pool."""
+
+    def __init__(self, base_url, api_key, secret, concurrency):
+        super().__init__(base_url, api_key, secret, 0)
+        self.origin = f"http://{self.host}:{self.port}"
+
+    def fetch(self, target):
+        req = urllib.request.Request(self.origin + target, headers=self.signed_headers(target))
+        try:
+            with urllib.request.urlopen(req, timeout=30) as resp:
+                return resp.status, resp.read()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read()
+
+    async def request(self, target):
+        return await asyncio.to_thread(self.fetch, target)
 
 
 def scale(base_units, decimals):
@@ -128,8 +163,10 @@ async def main():
     ap.add_argument("--column", default="order_no")
     ap.add_argument("--concurrency", type=int, default=64)
     ap.add_argument("--api-key", default="demo-key")
+    ap.add_argument("--client", choices=["streams", "urllib"], default="streams")
     args = ap.parse_args()
-    client = Client(args.base_url, args.api_key,
+    kind = UrllibClient if args.client == "urllib" else Client
+    client = kind(args.base_url, args.api_key,
                     os.environ.get("PAYSYNC_API_SECRET", "demo-secret"), args.concurrency)
 
     decimals = {}
