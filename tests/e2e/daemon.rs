@@ -352,11 +352,7 @@ async fn a_running_ingest_is_not_started_again() {
         &format!("{DAEMON}\n[fetch]\nrate_limit = 5.0\nburst = 1\n"),
     );
     let notes = Notifications::listen(&ws);
-    let mut daemon = start_daemon_with(
-        &ws,
-        Some(&notes),
-        &[("PAYSYNC_FAILPOINT", "slow-ingest")],
-    );
+    let mut daemon = start_daemon_with(&ws, Some(&notes), &[("PAYSYNC_FAILPOINT", "slow-ingest")]);
     wait_for("READY=1", || notes.has("READY=1")).await;
     ws.write("big.tmp", &orders_csv(&numbered("PAID", 5_000)));
     std::fs::rename(ws.path("big.tmp"), ws.path("inbox/big.csv")).unwrap();
