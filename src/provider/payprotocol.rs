@@ -15,17 +15,22 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use base64::Engine;
 use chrono::{DateTime, FixedOffset, Utc};
 use hmac::{Hmac, Mac};
-use reqwest::Url;
+use http::Uri;
+use http::header::{HeaderName, HeaderValue};
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use sha2::Sha256;
 
 use super::{FetchError, OrderRef, PayProvider, ProviderKind, parse_provider_time};
-use crate::fetch::{RawResponse, Transport};
+use crate::fetch::{Endpoint, RawResponse, Request, Transport};
 use crate::model::{Amount, PayDetail, PayStatus};
 
 /// Default naive-time zone of PayProtocol timestamps (UTC+8, an assumption).
 pub const DEFAULT_TIME_ZONE: &str = "+08:00";
+
+const X_PAY_KEY: HeaderName = HeaderName::from_static("x-pay-key");
+const X_PAY_TIMESTAMP: HeaderName = HeaderName::from_static("x-pay-timestamp");
+const X_PAY_SIGN: HeaderName = HeaderName::from_static("x-pay-sign");
 
 /// `X-PAY-SIGN` for one request: standard Base64 of HMAC-SHA256 over
 /// `timestamp + METHOD + request_target + body`, where `request_target` is the path
@@ -79,14 +84,18 @@ impl Currencies {
 pub struct PayProtocol {
     settings: PayProtocolSettings,
     transport: Transport,
-    base: Url,
+    base: Endpoint,
+    /// `X-PAY-KEY`.
+    api_key: HeaderValue,
     currencies: RwLock<Currencies>,
 }
 
 impl PayProtocol {
     pub fn new(settings: PayProtocolSettings, transport: Transport) -> Result<Self, String> {
         let trimmed = settings.base_url.trim_end_matches('/');
-        let base = Url::parse(trimmed).map_err(|e| format!("invalid base_url: {e}"))?;
+        let base = Endpoint::parse(trimmed).map_err(|e| format!("invalid base_url: {e}"))?;
+        let api_key = HeaderValue::from_str(&settings.api_key)
+            .map_err(|_| "api_key is not a valid HTTP header value".to_owned())?;
         let mut currencies = Currencies::default();
         for ((chain, symbol), d) in &settings.decimals {
             currencies.insert(*chain, symbol, *d);
@@ -95,35 +104,25 @@ impl PayProtocol {
             settings,
             transport,
             base,
+            api_key,
             currencies: RwLock::new(currencies),
         })
     }
 
-    /// Builds the URL for `path` with `query` pairs, encoded once; the request
-    /// target that is signed is read back from that same URL.
-    fn url(&self, path: &str, query: &[(&str, &str)]) -> Url {
-        let mut url = self.base.clone();
-        let joined = format!("{}{}", self.base.path().trim_end_matches('/'), path);
-        url.set_path(&joined);
-        if query.is_empty() {
-            url.set_query(None);
-        } else {
-            let q = form_urlencoded::Serializer::new(String::new())
-                .extend_pairs(query)
-                .finish();
-            url.set_query(Some(&q));
-        }
-        url
+    /// Builds the URI for `path` with `query` pairs, encoded once; the request
+    /// target that is signed is read back from that same URI.
+    fn url(&self, path: &str, query: &[(&str, &str)]) -> Result<Uri, FetchError> {
+        self.base
+            .uri(path, query)
+            .map_err(|e| FetchError::Transport(format!("cannot build the request target: {e}")))
     }
 
     /// Sends a signed GET. The timestamp is taken after the limiter admits the
     /// request, so a long wait (or a pause after a 429) never sends a stale signature.
-    async fn get(&self, url: Url) -> Result<RawResponse, FetchError> {
+    async fn get(&self, uri: Uri) -> Result<RawResponse, FetchError> {
         self.transport.admit().await;
-        let target = match url.query() {
-            Some(q) => format!("{}?{}", url.path(), q),
-            None => url.path().to_owned(),
-        };
+        // Exactly the request target the client writes on the wire.
+        let target = uri.path_and_query().map_or("/", |pq| pq.as_str());
         let ts = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default()
@@ -133,21 +132,24 @@ impl PayProtocol {
             self.settings.api_secret.expose_secret().as_bytes(),
             &ts,
             "GET",
-            &target,
+            target,
             b"",
         );
-        let req = self
-            .transport
-            .client()
-            .get(url)
-            .header("X-PAY-KEY", &self.settings.api_key)
-            .header("X-PAY-TIMESTAMP", ts)
-            .header("X-PAY-SIGN", sig);
+        // Digits and Base64 are always valid header values.
+        let (Ok(ts), Ok(sig)) = (HeaderValue::try_from(ts), HeaderValue::try_from(sig)) else {
+            return Err(FetchError::Transport(
+                "cannot encode the signature headers".to_owned(),
+            ));
+        };
+        let req = Request::get(uri)
+            .header(X_PAY_KEY, self.api_key.clone())
+            .header(X_PAY_TIMESTAMP, ts)
+            .header(X_PAY_SIGN, sig);
         self.transport.send_admitted(req).await
     }
 
     async fn load_currencies(&self) -> Result<usize, FetchError> {
-        let raw = self.get(self.url("/conf/list/currency", &[])).await?;
+        let raw = self.get(self.url("/conf/list/currency", &[])?).await?;
         let list = classify_currencies(&raw)?;
         let mut table = self.currencies.write().unwrap_or_else(|e| e.into_inner());
         let mut added = 0;
@@ -194,11 +196,17 @@ impl PayProvider for PayProtocol {
     }
 
     async fn fetch_detail(&self, order: &OrderRef) -> Result<PayDetail, FetchError> {
-        let mut q = vec![("outTradeNo", order.order_no.as_str())];
-        if let Some(p) = order.payment_no.as_deref().filter(|p| !p.is_empty()) {
-            q.push(("outPaymentNo", p));
-        }
-        let raw = self.get(self.url("/payment/detail", &q)).await?;
+        let payment = order.payment_no.as_deref().filter(|p| !p.is_empty());
+        let pairs = [
+            ("outTradeNo", order.order_no.as_str()),
+            ("outPaymentNo", payment.unwrap_or_default()),
+        ];
+        let query = if payment.is_some() {
+            &pairs[..]
+        } else {
+            &pairs[..1]
+        };
+        let raw = self.get(self.url("/payment/detail", query)?).await?;
         let currencies = self.currencies.read().unwrap_or_else(|e| e.into_inner());
         classify_detail(&raw, &currencies, self.settings.naive_zone)
     }
@@ -625,9 +633,15 @@ mod tests {
         let limiter = std::sync::Arc::new(crate::fetch::Limiter::new(1.0, 1));
         let t = Transport::new(limiter, Duration::from_secs(1), 1024, Default::default()).unwrap();
         let p = PayProtocol::new(settings, t).unwrap();
-        let url = p.url("/payment/detail", &[("outTradeNo", "../a b&c=d#e")]);
+        let url = p
+            .url("/payment/detail", &[("outTradeNo", "../a b&c=d#e")])
+            .unwrap();
         assert_eq!(url.path(), "/api/mer/payment/detail");
         assert_eq!(url.query(), Some("outTradeNo=..%2Fa+b%26c%3Dd%23e"));
+        assert_eq!(
+            url.path_and_query().unwrap().as_str(),
+            "/api/mer/payment/detail?outTradeNo=..%2Fa+b%26c%3Dd%23e"
+        );
     }
 
     /// The spec's three signing vectors.
@@ -744,7 +758,7 @@ mod tests {
             #[test]
             fn detail_target_encodes_once_and_is_signed_as_sent(order in param(), payment in param()) {
                 let p = client();
-                let url = p.url("/payment/detail", &[("outTradeNo", &order), ("outPaymentNo", &payment)]);
+                let url = p.url("/payment/detail", &[("outTradeNo", &order), ("outPaymentNo", &payment)]).unwrap();
                 let query = url.query().unwrap();
                 let pairs: Vec<(String, String)> = form_urlencoded::parse(query.as_bytes())
                     .into_owned()
@@ -755,13 +769,14 @@ mod tests {
                 );
                 prop_assert!(query.bytes().all(|b| b.is_ascii_graphic()), "{}", query);
                 prop_assert!(!query.contains('#'));
-                let again = Url::parse(url.as_str()).unwrap();
+                let again = url::Url::parse(&url.to_string()).unwrap();
                 prop_assert_eq!(again.query(), Some(query));
                 prop_assert_eq!(again.path(), "/api/mer/payment/detail");
                 // The same inputs always give the same target.
-                let twice = p.url("/payment/detail", &[("outTradeNo", &order), ("outPaymentNo", &payment)]);
-                prop_assert_eq!(twice.as_str(), url.as_str());
+                let twice = p.url("/payment/detail", &[("outTradeNo", &order), ("outPaymentNo", &payment)]).unwrap();
+                prop_assert_eq!(&twice, &url);
                 let target = format!("{}?{}", again.path(), query);
+                prop_assert_eq!(url.path_and_query().unwrap().as_str(), target.as_str());
                 let want = hmac_sha256(b"test_secret", format!("1723971200GET{target}").as_bytes());
                 let got = sign(b"test_secret", "1723971200", "GET", &target, b"");
                 prop_assert_eq!(base64::engine::general_purpose::STANDARD.decode(got).unwrap(), want);
