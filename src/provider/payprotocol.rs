@@ -3,12 +3,15 @@
 //! answers to [`PayDetail`].
 //!
 //! - [`sign`]: the `X-PAY-SIGN` rule (HMAC-SHA256 over timestamp, method, target, body).
+//! - [`Signer`]: the same rule with the HMAC keyed once (what each request uses).
 //! - [`PayProtocol`]: the provider; every call is signed and sent through the transport.
 //! - [`classify_detail`]: a pure function from an HTTP answer to a detail or a
 //!   [`FetchError`] class.
 //! - [`Currencies`]: decimals per (chain id, symbol), from the API or the config.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
+use std::fmt;
 use std::sync::RwLock;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -42,12 +45,40 @@ pub fn sign(
     request_target: &str,
     body: &[u8],
 ) -> String {
-    let mut mac = Hmac::<Sha256>::new_from_slice(secret).expect("HMAC accepts any key length");
-    mac.update(timestamp.as_bytes());
-    mac.update(method.to_ascii_uppercase().as_bytes());
-    mac.update(request_target.as_bytes());
-    mac.update(body);
-    base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes())
+    Signer::new(secret).sign(timestamp, method, request_target, body)
+}
+
+/// The [`sign`] rule with the HMAC keyed once: each signature starts from a copy of
+/// the keyed state, so the key is not hashed again per request. `Debug` shows
+/// nothing of the key.
+#[derive(Clone)]
+pub struct Signer(Hmac<Sha256>);
+
+impl Signer {
+    pub fn new(secret: &[u8]) -> Self {
+        Self(Hmac::new_from_slice(secret).expect("HMAC accepts any key length"))
+    }
+
+    /// `X-PAY-SIGN` for one request (see [`sign`]).
+    pub fn sign(&self, timestamp: &str, method: &str, request_target: &str, body: &[u8]) -> String {
+        let method = if method.bytes().any(|b| b.is_ascii_lowercase()) {
+            Cow::Owned(method.to_ascii_uppercase())
+        } else {
+            Cow::Borrowed(method)
+        };
+        let mut mac = self.0.clone();
+        mac.update(timestamp.as_bytes());
+        mac.update(method.as_bytes());
+        mac.update(request_target.as_bytes());
+        mac.update(body);
+        base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes())
+    }
+}
+
+impl fmt::Debug for Signer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Signer([REDACTED])")
+    }
 }
 
 /// Everything the PayProtocol client needs from the config.
@@ -87,6 +118,8 @@ pub struct PayProtocol {
     base: Endpoint,
     /// `X-PAY-KEY`.
     api_key: HeaderValue,
+    /// Keyed with the API secret.
+    signer: Signer,
     currencies: RwLock<Currencies>,
 }
 
@@ -96,6 +129,7 @@ impl PayProtocol {
         let base = Endpoint::parse(trimmed).map_err(|e| format!("invalid base_url: {e}"))?;
         let api_key = HeaderValue::from_str(&settings.api_key)
             .map_err(|_| "api_key is not a valid HTTP header value".to_owned())?;
+        let signer = Signer::new(settings.api_secret.expose_secret().as_bytes());
         let mut currencies = Currencies::default();
         for ((chain, symbol), d) in &settings.decimals {
             currencies.insert(*chain, symbol, *d);
@@ -105,6 +139,7 @@ impl PayProtocol {
             transport,
             base,
             api_key,
+            signer,
             currencies: RwLock::new(currencies),
         })
     }
@@ -128,13 +163,7 @@ impl PayProtocol {
             .unwrap_or_default()
             .as_secs()
             .to_string();
-        let sig = sign(
-            self.settings.api_secret.expose_secret().as_bytes(),
-            &ts,
-            "GET",
-            target,
-            b"",
-        );
+        let sig = self.signer.sign(&ts, "GET", target, b"");
         // Digits and Base64 are always valid header values.
         let (Ok(ts), Ok(sig)) = (HeaderValue::try_from(ts), HeaderValue::try_from(sig)) else {
             return Err(FetchError::Transport(
@@ -673,6 +702,32 @@ mod tests {
             ),
             "TTapR5tRnCrznCT7WzQMRXZBIyby/YdJAFR7GOoG0Eo="
         );
+    }
+
+    /// One keyed signer gives the spec's signatures again and again (each signature
+    /// starts from the keyed state, none carries over), and its Debug output does not
+    /// show the key.
+    #[test]
+    fn signer_is_reusable_and_hides_its_key() {
+        let signer = Signer::new(b"test_secret");
+        for _ in 0..3 {
+            assert_eq!(
+                signer.sign("1723971200", "get", "/api/mer/conf/list/chain", b""),
+                "YELJogXXgL8kqSAgyC48GjIj7XLDPKDWdatWM4lzT4I="
+            );
+            assert_eq!(
+                signer.sign(
+                    "1723971200",
+                    "POST",
+                    "/api/mer/payment/createPaymentOrder",
+                    br#"{"outTradeNo":"ORD-1"}"#
+                ),
+                "TTapR5tRnCrznCT7WzQMRXZBIyby/YdJAFR7GOoG0Eo="
+            );
+        }
+        let debug = format!("{signer:?}");
+        assert!(!debug.contains("test_secret"), "{debug}");
+        assert!(debug.contains("REDACTED"), "{debug}");
     }
 
     mod properties {
