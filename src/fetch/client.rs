@@ -336,3 +336,254 @@ impl Write for Stream {
         with_inner!(self.get_mut(), s => Pin::new(s).poll_write_vectored(cx, bufs))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::SocketAddr;
+    use std::sync::Mutex;
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+    use tokio::net::TcpListener;
+
+    /// The error and its sources, as the transport writes them.
+    fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+        let mut msg = e.to_string();
+        let mut src = e.source();
+        while let Some(s) = src {
+            msg.push_str(": ");
+            msg.push_str(&s.to_string());
+            src = s.source();
+        }
+        msg
+    }
+
+    /// Reads one request head (up to the blank line), lower-casing header names.
+    async fn read_head(reader: &mut BufReader<tokio::net::TcpStream>) -> String {
+        let mut head = String::new();
+        loop {
+            let mut line = String::new();
+            if reader.read_line(&mut line).await.unwrap() == 0 || line == "\r\n" {
+                return head;
+            }
+            match line.split_once(':') {
+                Some((name, value)) if !head.is_empty() => {
+                    head.push_str(&format!("{}:{value}", name.to_ascii_lowercase()));
+                }
+                _ => head.push_str(&line),
+            }
+        }
+    }
+
+    /// A server that records each request head and answers `200 ok`: an origin
+    /// server, or an http proxy that never forwards.
+    async fn recording_server() -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let heads = Arc::new(Mutex::new(Vec::new()));
+        let seen = Arc::clone(&heads);
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let seen = Arc::clone(&seen);
+                tokio::spawn(async move {
+                    let mut reader = BufReader::new(tcp);
+                    loop {
+                        let head = read_head(&mut reader).await;
+                        if head.is_empty() {
+                            return;
+                        }
+                        seen.lock().unwrap().push(head);
+                        let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                        if reader.get_mut().write_all(answer).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        (addr, heads)
+    }
+
+    async fn body_of(client: &HttpClient, request: Request) -> Result<String, String> {
+        use http_body_util::BodyExt;
+        let resp = client.send(request).await.map_err(|e| chain(&e))?;
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        Ok(String::from_utf8_lossy(&body).into_owned())
+    }
+
+    /// Every request carries `User-Agent: paysync/<version>` and `Accept: */*` (a
+    /// request's own `Accept` wins), and goes out in origin form.
+    #[tokio::test]
+    async fn default_headers_on_direct_requests() {
+        let (addr, heads) = recording_server().await;
+        let client = HttpClient::with_proxies(None).unwrap();
+        let uri: Uri = format!("http://{addr}/api/x?a=1").parse().unwrap();
+        assert_eq!(
+            body_of(&client, Request::get(uri.clone())).await.unwrap(),
+            "ok"
+        );
+        let json = Request::get(uri).header(ACCEPT, HeaderValue::from_static("application/json"));
+        assert_eq!(body_of(&client, json).await.unwrap(), "ok");
+        let heads = heads.lock().unwrap().clone();
+        assert_eq!(heads.len(), 2);
+        assert!(
+            heads[0].starts_with("GET /api/x?a=1 HTTP/1.1\r\n"),
+            "{}",
+            heads[0]
+        );
+        assert!(
+            heads[0].contains(&format!("user-agent: {USER_AGENT_VALUE}\r\n")),
+            "{}",
+            heads[0]
+        );
+        assert!(heads[0].contains("accept: */*\r\n"), "{}", heads[0]);
+        assert!(
+            heads[1].contains("accept: application/json\r\n"),
+            "{}",
+            heads[1]
+        );
+        assert!(!heads[1].contains("*/*"), "{}", heads[1]);
+    }
+
+    /// A plain-http request through a proxy goes to the proxy in absolute form, with
+    /// `Proxy-Authorization` from the proxy URL's user info; the destination host is
+    /// never resolved. A `NO_PROXY` host is reached directly.
+    #[tokio::test]
+    async fn http_through_a_proxy_is_absolute_form_with_credentials() {
+        let (proxy, heads) = recording_server().await;
+        let matcher = Matcher::builder()
+            .http(format!("http://user:p%40ss@{proxy}"))
+            .no("127.0.0.1")
+            .build();
+        let client = HttpClient::with_proxies(Some(matcher)).unwrap();
+        let uri: Uri = "http://paysync-proxy-test.invalid/api/mer/x?o=a+b"
+            .parse()
+            .unwrap();
+        assert_eq!(body_of(&client, Request::get(uri)).await.unwrap(), "ok");
+        let head = heads.lock().unwrap()[0].clone();
+        assert!(
+            head.starts_with("GET http://paysync-proxy-test.invalid/api/mer/x?o=a+b HTTP/1.1\r\n"),
+            "{head}"
+        );
+        // base64("user:p@ss")
+        assert!(
+            head.contains("proxy-authorization: Basic dXNlcjpwQHNz\r\n"),
+            "{head}"
+        );
+        assert!(
+            head.contains("host: paysync-proxy-test.invalid\r\n"),
+            "{head}"
+        );
+        // A NO_PROXY host is reached directly: origin form, no credentials.
+        let direct: Uri = format!("http://{proxy}/direct").parse().unwrap();
+        assert_eq!(body_of(&client, Request::get(direct)).await.unwrap(), "ok");
+        let head = heads.lock().unwrap()[1].clone();
+        assert!(head.starts_with("GET /direct HTTP/1.1\r\n"), "{head}");
+        assert!(!head.contains("proxy-authorization"), "{head}");
+    }
+
+    /// A CONNECT proxy that records the CONNECT head, then tunnels to `target`
+    /// whatever host was asked for.
+    async fn connect_proxy(target: SocketAddr) -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let heads = Arc::new(Mutex::new(Vec::new()));
+        let seen = Arc::clone(&heads);
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let seen = Arc::clone(&seen);
+                tokio::spawn(async move {
+                    let mut reader = BufReader::new(tcp);
+                    let head = read_head(&mut reader).await;
+                    seen.lock().unwrap().push(head);
+                    let mut upstream = tokio::net::TcpStream::connect(target).await.unwrap();
+                    let mut client = reader.into_inner();
+                    client
+                        .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
+                        .await
+                        .unwrap();
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+                });
+            }
+        });
+        (addr, heads)
+    }
+
+    /// A TLS server with the self-signed test certificate; counts completed handshakes.
+    async fn self_signed_tls_server() -> (SocketAddr, Arc<std::sync::atomic::AtomicU64>) {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        use tokio_rustls::rustls as server_rustls;
+        let cert = server_rustls::pki_types::CertificateDer::from(
+            include_bytes!("../../tests/e2e/fixtures/self-signed-cert.der").to_vec(),
+        );
+        let key = server_rustls::pki_types::PrivateKeyDer::Pkcs8(
+            include_bytes!("../../tests/e2e/fixtures/self-signed-key.der")
+                .to_vec()
+                .into(),
+        );
+        let config = server_rustls::ServerConfig::builder_with_provider(Arc::new(
+            server_rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![cert], key)
+        .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let handshakes = Arc::new(AtomicU64::new(0));
+        let done = Arc::clone(&handshakes);
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let (acceptor, done) = (acceptor.clone(), Arc::clone(&done));
+                tokio::spawn(async move {
+                    if let Ok(mut tls) = acceptor.accept(tcp).await {
+                        done.fetch_add(1, Ordering::SeqCst);
+                        let mut buf = [0u8; 1024];
+                        let _ = tls.read(&mut buf).await;
+                    }
+                });
+            }
+        });
+        (addr, handshakes)
+    }
+
+    /// An https request through a proxy opens a CONNECT tunnel to the destination's
+    /// host and port 443 (credentials in the CONNECT), then speaks TLS end to end:
+    /// the destination's certificate is verified, so a self-signed one is refused
+    /// and no TLS session is completed.
+    #[tokio::test]
+    async fn https_through_a_proxy_tunnels_and_verifies_the_certificate() {
+        use std::sync::atomic::Ordering;
+        let (tls_server, handshakes) = self_signed_tls_server().await;
+        let (proxy, heads) = connect_proxy(tls_server).await;
+        let matcher = Matcher::builder()
+            .https(format!("http://user:pw@{proxy}"))
+            .build();
+        let client = HttpClient::with_proxies(Some(matcher)).unwrap();
+        let uri: Uri = "https://paysync-proxy-test.invalid/api/x".parse().unwrap();
+        let err = body_of(&client, Request::get(uri)).await.unwrap_err();
+        assert!(err.contains("certificate"), "{err}");
+        assert!(!err.contains("paysync-proxy-test"), "{err}");
+        let head = heads.lock().unwrap()[0].clone();
+        assert!(
+            head.starts_with("CONNECT paysync-proxy-test.invalid:443 HTTP/1.1\r\n"),
+            "{head}"
+        );
+        assert!(
+            head.contains("proxy-authorization: Basic dXNlcjpwdw==\r\n"),
+            "{head}"
+        );
+        assert_eq!(handshakes.load(Ordering::SeqCst), 0);
+    }
+
+    /// A SOCKS proxy URL is refused with a clear error rather than ignored.
+    #[tokio::test]
+    async fn socks_proxies_are_refused() {
+        let matcher = Matcher::builder().all("socks5://127.0.0.1:1").build();
+        let client = HttpClient::with_proxies(Some(matcher)).unwrap();
+        let uri: Uri = "http://paysync-proxy-test.invalid/x".parse().unwrap();
+        let err = body_of(&client, Request::get(uri)).await.unwrap_err();
+        assert!(err.contains("only http:// and https:// proxies"), "{err}");
+    }
+}

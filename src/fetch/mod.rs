@@ -92,20 +92,37 @@ pub struct Transport {
 }
 
 impl Transport {
+    /// A transport whose client uses the proxies the environment names.
     pub fn new(
         limiter: Arc<Limiter>,
         timeout: Duration,
         max_body: usize,
         stats: Arc<Stats>,
     ) -> Result<Self, BuildError> {
-        let client = HttpClient::new()?;
-        Ok(Self {
+        Ok(Self::with_client(
+            HttpClient::new()?,
+            limiter,
+            timeout,
+            max_body,
+            stats,
+        ))
+    }
+
+    /// A transport sending through `client` (tests pass one without proxies).
+    pub fn with_client(
+        client: HttpClient,
+        limiter: Arc<Limiter>,
+        timeout: Duration,
+        max_body: usize,
+        stats: Arc<Stats>,
+    ) -> Self {
+        Self {
             client,
             limiter,
             timeout,
             max_body,
             stats,
-        })
+        }
     }
 
     pub fn limiter(&self) -> &Arc<Limiter> {

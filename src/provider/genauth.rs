@@ -832,7 +832,7 @@ impl PayProvider for GenAuth {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fetch::{Limiter, Stats};
+    use crate::fetch::{HttpClient, Limiter, Stats};
     use crate::model::{OrderNo, rfc3339};
     use axum::extract::{Query, State};
     use axum::http::HeaderMap;
@@ -1405,14 +1405,15 @@ mod tests {
         format!("http://{addr}/")
     }
 
+    /// A transport to the local test server (direct, whatever proxy the machine names).
     fn transport() -> Transport {
-        Transport::new(
+        Transport::with_client(
+            HttpClient::with_proxies(None).unwrap(),
             Arc::new(Limiter::new(1000.0, 100)),
             Duration::from_secs(5),
             1 << 20,
             Arc::new(Stats::default()),
         )
-        .unwrap()
     }
 
     async fn client(mock: &Arc<Mock>, secret: &str) -> GenAuth {
