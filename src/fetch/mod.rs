@@ -289,6 +289,40 @@ mod tests {
     use super::*;
     use http::header::HeaderValue;
 
+    /// A client error becomes its message and its sources' messages, once each; a
+    /// socket timeout anywhere in the chain is a timeout.
+    #[test]
+    fn transport_errors_keep_their_chain() {
+        #[derive(Debug)]
+        struct Wrap(&'static str, std::io::Error);
+        impl std::fmt::Display for Wrap {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.0)
+            }
+        }
+        impl std::error::Error for Wrap {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                Some(&self.1)
+            }
+        }
+        let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        let text = refused.to_string();
+        assert_eq!(
+            transport_error(&Wrap("client error (Connect)", refused)),
+            FetchError::Transport(format!("client error (Connect): {text}"))
+        );
+        let repeated = std::io::Error::other("connection reset");
+        assert_eq!(
+            transport_error(&Wrap("connection reset", repeated)),
+            FetchError::Transport("connection reset".into())
+        );
+        let timed_out = std::io::Error::from(std::io::ErrorKind::TimedOut);
+        assert_eq!(
+            transport_error(&Wrap("client error (Connect)", timed_out)),
+            FetchError::Timeout(Duration::ZERO)
+        );
+    }
+
     /// Retry-After as seconds, as an HTTP date (past dates mean now), clamped, or
     /// unreadable (ignored).
     #[test]
