@@ -201,7 +201,7 @@ impl Check<'_> {
     }
 
     fn url(&self, key: &str, v: &str) -> Result<String, ConfigError> {
-        let u = reqwest::Url::parse(v.trim())
+        let u = url::Url::parse(v.trim())
             .map_err(|e| self.err(key, format!("{v:?} is not a URL ({e})")))?;
         if !matches!(u.scheme(), "http" | "https") {
             return Err(self.err(key, "must be an http:// or https:// URL"));

@@ -2,9 +2,13 @@
 //! (rate limiter, pause gate, timeout, body cap), the retry loop [`fetch_order`], and
 //! the request counters in [`Stats`].
 //!
+//! - `client`: the pooled HTTP client (hyper, rustls, environment proxies) and [`Request`].
+//! - `endpoint`: a provider's base URL parsed once, and request URIs built from it.
 //! - `ratelimit`: GCRA limiter plus the "pause every worker" gate used after a 429.
 //! - `retry`: the one decision function that says retry, give up, or stop the run.
 
+pub mod client;
+pub mod endpoint;
 pub mod ratelimit;
 pub mod retry;
 
@@ -13,10 +17,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 use bytes::{Bytes, BytesMut};
-use reqwest::header::{HeaderMap, RETRY_AFTER};
+use http::header::{HeaderMap, RETRY_AFTER};
+use http_body_util::BodyExt;
+use hyper::body::Body;
 
 use crate::model::PayDetail;
 use crate::provider::{FetchError, OrderRef, PayProvider, Provider};
+pub use client::{BuildError, HttpClient, Request};
+pub use endpoint::{Endpoint, InvalidEndpoint};
 pub use ratelimit::Limiter;
 pub use retry::{Action, RetryPolicy};
 
@@ -76,7 +84,7 @@ pub struct RawResponse {
 /// applies the timeout to the whole exchange, and caps the body size.
 #[derive(Clone)]
 pub struct Transport {
-    client: reqwest::Client,
+    client: HttpClient,
     limiter: Arc<Limiter>,
     timeout: Duration,
     max_body: usize,
@@ -84,30 +92,37 @@ pub struct Transport {
 }
 
 impl Transport {
+    /// A transport whose client uses the proxies the environment names.
     pub fn new(
         limiter: Arc<Limiter>,
         timeout: Duration,
         max_body: usize,
         stats: Arc<Stats>,
-    ) -> Result<Self, reqwest::Error> {
-        let client = reqwest::Client::builder()
-            .user_agent(concat!("paysync/", env!("CARGO_PKG_VERSION")))
-            .https_only(false)
-            .tls_built_in_root_certs(true)
-            .pool_max_idle_per_host(256)
-            .build()?;
-        Ok(Self {
+    ) -> Result<Self, BuildError> {
+        Ok(Self::with_client(
+            HttpClient::new()?,
+            limiter,
+            timeout,
+            max_body,
+            stats,
+        ))
+    }
+
+    /// A transport sending through `client` (tests pass one without proxies).
+    pub fn with_client(
+        client: HttpClient,
+        limiter: Arc<Limiter>,
+        timeout: Duration,
+        max_body: usize,
+        stats: Arc<Stats>,
+    ) -> Self {
+        Self {
             client,
             limiter,
             timeout,
             max_body,
             stats,
-        })
-    }
-
-    /// The client to build requests with; send them with [`Transport::send`].
-    pub fn client(&self) -> &reqwest::Client {
-        &self.client
+        }
     }
 
     pub fn limiter(&self) -> &Arc<Limiter> {
@@ -122,7 +137,7 @@ impl Transport {
     /// Requests whose content goes stale while waiting (signatures with a timestamp,
     /// access tokens) are built after [`Transport::admit`] and sent with
     /// [`Transport::send_admitted`] instead.
-    pub async fn send(&self, request: reqwest::RequestBuilder) -> Result<RawResponse, FetchError> {
+    pub async fn send(&self, request: Request) -> Result<RawResponse, FetchError> {
         self.admit().await;
         self.send_admitted(request).await
     }
@@ -133,10 +148,7 @@ impl Transport {
     }
 
     /// Sends a request already admitted by [`Transport::admit`].
-    pub async fn send_admitted(
-        &self,
-        request: reqwest::RequestBuilder,
-    ) -> Result<RawResponse, FetchError> {
+    pub async fn send_admitted(&self, request: Request) -> Result<RawResponse, FetchError> {
         Stats::bump(&self.stats.requests);
         match tokio::time::timeout(self.timeout, self.exchange(request)).await {
             Ok(r) => r,
@@ -144,14 +156,21 @@ impl Transport {
         }
     }
 
-    async fn exchange(&self, request: reqwest::RequestBuilder) -> Result<RawResponse, FetchError> {
-        let mut resp = request.send().await.map_err(transport_error)?;
-        let status = resp.status().as_u16();
-        let retry_after = parse_retry_after(resp.headers(), SystemTime::now());
-        if resp
-            .content_length()
-            .is_some_and(|n| n > self.max_body as u64)
-        {
+    async fn exchange(&self, request: Request) -> Result<RawResponse, FetchError> {
+        let resp = self
+            .client
+            .send(request)
+            .await
+            .map_err(|e| transport_error(&e))?;
+        let (head, mut body) = resp.into_parts();
+        let status = head.status.as_u16();
+        let retry_after = if head.headers.contains_key(RETRY_AFTER) {
+            parse_retry_after(&head.headers, SystemTime::now())
+        } else {
+            None
+        };
+        // A declared length over the cap is refused before reading.
+        if body.size_hint().lower() > self.max_body as u64 {
             return Err(FetchError::TooLarge {
                 limit: self.max_body,
             });
@@ -160,7 +179,12 @@ impl Transport {
         let mut first: Option<Bytes> = None;
         let mut more = BytesMut::new();
         let mut len = 0usize;
-        while let Some(chunk) = resp.chunk().await.map_err(transport_error)? {
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| transport_error(&e))?;
+            // Trailers carry nothing paysync reads.
+            let Ok(chunk) = frame.into_data() else {
+                continue;
+            };
             len += chunk.len();
             if len > self.max_body {
                 return Err(FetchError::TooLarge {
@@ -186,18 +210,24 @@ impl Transport {
     }
 }
 
-/// A reqwest error as a [`FetchError`], without the URL (it can carry order numbers
-/// of other systems' choosing, and is noise in every row).
-fn transport_error(e: reqwest::Error) -> FetchError {
-    if e.is_timeout() {
-        return FetchError::Timeout(Duration::ZERO);
-    }
-    let e = e.without_url();
+/// A client or body error as a [`FetchError`]: the error and its sources, one after
+/// the other. None of them names the URL (it can carry order numbers of other systems'
+/// choosing) or a header. A socket timeout anywhere in the chain is a timeout.
+fn transport_error(e: &(dyn std::error::Error + 'static)) -> FetchError {
     let mut msg = e.to_string();
-    let mut src = std::error::Error::source(&e);
+    let mut src = e.source();
     while let Some(s) = src {
-        msg.push_str(": ");
-        msg.push_str(&s.to_string());
+        if s.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
+        {
+            return FetchError::Timeout(Duration::ZERO);
+        }
+        let text = s.to_string();
+        // Some wrappers repeat their source's message.
+        if !msg.ends_with(&text) {
+            msg.push_str(": ");
+            msg.push_str(&text);
+        }
         src = s.source();
     }
     FetchError::Transport(msg)
@@ -257,7 +287,41 @@ pub async fn fetch_order(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use reqwest::header::HeaderValue;
+    use http::header::HeaderValue;
+
+    /// A client error becomes its message and its sources' messages, once each; a
+    /// socket timeout anywhere in the chain is a timeout.
+    #[test]
+    fn transport_errors_keep_their_chain() {
+        #[derive(Debug)]
+        struct Wrap(&'static str, std::io::Error);
+        impl std::fmt::Display for Wrap {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.0)
+            }
+        }
+        impl std::error::Error for Wrap {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                Some(&self.1)
+            }
+        }
+        let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        let text = refused.to_string();
+        assert_eq!(
+            transport_error(&Wrap("client error (Connect)", refused)),
+            FetchError::Transport(format!("client error (Connect): {text}"))
+        );
+        let repeated = std::io::Error::other("connection reset");
+        assert_eq!(
+            transport_error(&Wrap("connection reset", repeated)),
+            FetchError::Transport("connection reset".into())
+        );
+        let timed_out = std::io::Error::from(std::io::ErrorKind::TimedOut);
+        assert_eq!(
+            transport_error(&Wrap("client error (Connect)", timed_out)),
+            FetchError::Timeout(Duration::ZERO)
+        );
+    }
 
     /// Retry-After as seconds, as an HTTP date (past dates mean now), clamped, or
     /// unreadable (ignored).

@@ -23,14 +23,15 @@ use std::time::Duration;
 
 use base64::Engine;
 use chrono::FixedOffset;
-use reqwest::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, HeaderName, HeaderValue};
+use http::Uri;
+use http::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, HeaderName, HeaderValue};
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::time::Instant;
 
 use super::{FetchError, OrderRef, PayProvider, ProviderKind, parse_provider_time};
-use crate::fetch::{RawResponse, Transport};
+use crate::fetch::{Endpoint, InvalidEndpoint, RawResponse, Request, Transport};
 use crate::model::{Amount, PayDetail, PayStatus};
 
 /// Default host of the GenAuth management API (`provider.base_url`).
@@ -214,13 +215,16 @@ pub fn userpool_claim(jwt: &str) -> Result<String, String> {
     }
 }
 
-/// The detail URL for one order; the order number is form-urlencoded, so `&`, `/`,
+/// The detail URI for one order; the order number is form-urlencoded, so `&`, `/`,
 /// `../` and spaces cannot change the request.
-pub fn detail_url(base_url: &str, order_no: &str) -> String {
-    let query = form_urlencoded::Serializer::new(String::new())
-        .append_pair("orderNo", order_no)
-        .finish();
-    format!("{base_url}{DETAIL_PATH}?{query}")
+pub fn detail_uri(base: &Endpoint, order_no: &str) -> Result<Uri, http::Error> {
+    base.uri(DETAIL_PATH, &[("orderNo", order_no)])
+}
+
+/// A request URI that could not be built (unreachable: the base URL was checked and
+/// the query is form-urlencoded).
+fn target_error(e: http::Error) -> FetchError {
+    FetchError::Transport(format!("cannot build the request target: {e}"))
 }
 
 /// What the body `statusCode` means.
@@ -597,6 +601,8 @@ struct TokenRequest<'a> {
 /// refreshes it with one request in flight however many fetches wait on it.
 pub struct GenAuth {
     base_url: String,
+    /// `base_url` parsed (config validation already refused a bad one).
+    endpoint: Result<Endpoint, InvalidEndpoint>,
     access_key_id: String,
     access_key_secret: SecretString,
     brand: Brand,
@@ -643,8 +649,10 @@ impl GenAuth {
                     None
                 }
             });
+        let base_url = settings.base_url.trim_end_matches('/').to_owned();
         Self {
-            base_url: settings.base_url.trim_end_matches('/').to_owned(),
+            endpoint: Endpoint::parse(&base_url),
+            base_url,
             access_key_id: settings.access_key_id,
             access_key_secret: settings.access_key_secret,
             brand: settings.brand,
@@ -665,6 +673,13 @@ impl GenAuth {
 
     pub fn brand(&self) -> Brand {
         self.brand
+    }
+
+    /// The parsed base URL.
+    fn endpoint(&self) -> Result<&Endpoint, FetchError> {
+        self.endpoint
+            .as_ref()
+            .map_err(|e| FetchError::Transport(format!("invalid base_url: {e}")))
     }
 
     fn cached(&self) -> Option<Arc<Token>> {
@@ -730,17 +745,21 @@ impl GenAuth {
             access_key_secret: self.access_key_secret.expose_secret(),
         })
         .map_err(|_| FetchError::Transport("cannot encode the token request".to_owned()))?;
-        let mut request = self
-            .transport
-            .client()
-            .post(format!("{}{TOKEN_PATH}", self.base_url))
-            .header(CONTENT_TYPE, "application/json")
-            .header(ACCEPT, "application/json")
-            .header(self.brand.sdk_version_header(), SDK_VERSION);
+        let uri = self
+            .endpoint()?
+            .uri(TOKEN_PATH, &[])
+            .map_err(target_error)?;
+        let mut request = Request::post(uri, body)
+            .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
+            .header(ACCEPT, HeaderValue::from_static("application/json"))
+            .header(
+                self.brand.sdk_version_header(),
+                HeaderValue::from_static(SDK_VERSION),
+            );
         if let Some(lang) = &self.lang {
             request = request.header(self.brand.lang_header(), lang.clone());
         }
-        let raw = self.transport.send(request.body(body)).await?;
+        let raw = self.transport.send(request).await?;
         let grant = classify_token_response(&raw, self.access_key_secret.expose_secret())?;
         Token::from_grant(&grant, obtained_at)
     }
@@ -751,14 +770,18 @@ impl GenAuth {
     async fn detail_once(&self, order: &OrderRef) -> Result<PayDetail, Failure> {
         self.transport.admit().await;
         let token = self.token().await.map_err(Failure::Error)?;
-        let mut request = self
-            .transport
-            .client()
-            .get(detail_url(&self.base_url, order.order_no.as_str()))
-            .header(ACCEPT, "application/json")
+        let uri = self
+            .endpoint()
+            .and_then(|base| detail_uri(base, order.order_no.as_str()).map_err(target_error))
+            .map_err(Failure::Error)?;
+        let mut request = Request::get(uri)
+            .header(ACCEPT, HeaderValue::from_static("application/json"))
             .header(AUTHORIZATION, token.authorization.clone())
             .header(self.brand.userpool_header(), token.userpool_id.clone())
-            .header(self.brand.sdk_version_header(), SDK_VERSION);
+            .header(
+                self.brand.sdk_version_header(),
+                HeaderValue::from_static(SDK_VERSION),
+            );
         if let Some(lang) = &self.lang {
             request = request.header(self.brand.lang_header(), lang.clone());
         }
@@ -809,7 +832,7 @@ impl PayProvider for GenAuth {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fetch::{Limiter, Stats};
+    use crate::fetch::{HttpClient, Limiter, Stats};
     use crate::model::{OrderNo, rfc3339};
     use axum::extract::{Query, State};
     use axum::http::HeaderMap;
@@ -1178,9 +1201,10 @@ mod tests {
 
     /// The order number is form-urlencoded into the query.
     #[test]
-    fn detail_url_encodes_order_no() {
+    fn detail_uri_encodes_order_no() {
+        let base = Endpoint::parse("https://api.genauth.ai").unwrap();
         assert_eq!(
-            detail_url("https://api.genauth.ai", "a b&c=d/../e?f#g"),
+            detail_uri(&base, "a b&c=d/../e?f#g").unwrap().to_string(),
             "https://api.genauth.ai/api/v3/get-order-pay-detail?orderNo=a+b%26c%3Dd%2F..%2Fe%3Ff%23g"
         );
     }
@@ -1381,14 +1405,15 @@ mod tests {
         format!("http://{addr}/")
     }
 
+    /// A transport to the local test server (direct, whatever proxy the machine names).
     fn transport() -> Transport {
-        Transport::new(
+        Transport::with_client(
+            HttpClient::with_proxies(None).unwrap(),
             Arc::new(Limiter::new(1000.0, 100)),
             Duration::from_secs(5),
             1 << 20,
             Arc::new(Stats::default()),
         )
-        .unwrap()
     }
 
     async fn client(mock: &Arc<Mock>, secret: &str) -> GenAuth {

@@ -14,8 +14,10 @@ pub mod genauth;
 pub mod payprotocol;
 
 use std::future::Future;
+use std::sync::LazyLock;
 use std::time::Duration;
 
+use chrono::format::{Item, Parsed, StrftimeItems};
 use serde::{Deserialize, Serialize};
 
 use crate::model::{OrderNo, PayDetail};
@@ -149,28 +151,41 @@ impl PayProvider for Provider {
     }
 }
 
+/// The naive layouts of provider times, read once (`NaiveDateTime::parse_from_str`
+/// would read the format string again on every call).
+static NAIVE_LAYOUTS: LazyLock<[Vec<Item<'static>>; 2]> = LazyLock::new(|| {
+    ["%Y-%m-%d %H:%M:%S%.f", "%Y-%m-%dT%H:%M:%S%.f"]
+        .map(|layout| StrftimeItems::new(layout).parse().expect("a valid layout"))
+});
+
 /// Parses a provider time: naive `"YYYY-MM-DD HH:MM:SS[.fff]"` in the given zone,
 /// or an RFC 3339 / ISO 8601 time with its own offset. Returns `None` for empty input.
+///
+/// The naive layouts are tried first, as they are what providers send; no text is
+/// both naive and RFC 3339 (which requires an offset), so the order changes nothing.
 pub fn parse_provider_time(
     raw: &str,
     naive_zone: chrono::FixedOffset,
 ) -> Result<Option<chrono::DateTime<chrono::Utc>>, String> {
-    use chrono::{DateTime, NaiveDateTime, TimeZone};
+    use chrono::{DateTime, TimeZone};
     let s = raw.trim();
     if s.is_empty() {
         return Ok(None);
     }
-    if let Ok(t) = DateTime::parse_from_rfc3339(s) {
-        return Ok(Some(t.to_utc()));
-    }
-    for fmt in ["%Y-%m-%d %H:%M:%S%.f", "%Y-%m-%dT%H:%M:%S%.f"] {
-        if let Ok(n) = NaiveDateTime::parse_from_str(s, fmt) {
+    for layout in NAIVE_LAYOUTS.iter() {
+        let mut parsed = Parsed::new();
+        let naive = chrono::format::parse(&mut parsed, s, layout.iter())
+            .and_then(|()| parsed.to_naive_datetime_with_offset(0));
+        if let Ok(n) = naive {
             return naive_zone
                 .from_local_datetime(&n)
                 .single()
                 .map(|t| Some(t.to_utc()))
                 .ok_or_else(|| format!("time {s:?} does not exist in zone {naive_zone}"));
         }
+    }
+    if let Ok(t) = DateTime::parse_from_rfc3339(s) {
+        return Ok(Some(t.to_utc()));
     }
     Err(format!("unrecognized time {s:?}"))
 }
@@ -270,6 +285,34 @@ mod tests {
                 let b = parse_provider_time(&with_offset, utc).unwrap().unwrap();
                 prop_assert_eq!(a, b);
                 prop_assert_eq!(a, (t - TimeDelta::minutes(i64::from(minutes))).and_utc());
+            }
+
+            /// Any text reads as the format-string reader it replaced read it:
+            /// RFC 3339 first, then `NaiveDateTime::parse_from_str` per layout.
+            #[test]
+            fn same_as_parse_from_str(s in "\\PC{0,30}|[0-9: T.+Z-]{0,30}|[0-9]{4}-[0-9]{1,2}-[0-9]{1,2}[ T][0-9]{1,2}:[0-9]{1,2}:[0-9]{1,2}(\\.[0-9]{0,12})?(Z|[+-][0-9]{2}:[0-9]{2})?") {
+                let cst = FixedOffset::east_opt(8 * 3600).unwrap();
+                let model = || -> Result<Option<DateTime<chrono::Utc>>, String> {
+                    use chrono::TimeZone;
+                    let s = s.trim();
+                    if s.is_empty() {
+                        return Ok(None);
+                    }
+                    if let Ok(t) = DateTime::parse_from_rfc3339(s) {
+                        return Ok(Some(t.to_utc()));
+                    }
+                    for fmt in ["%Y-%m-%d %H:%M:%S%.f", "%Y-%m-%dT%H:%M:%S%.f"] {
+                        if let Ok(n) = NaiveDateTime::parse_from_str(s, fmt) {
+                            return cst
+                                .from_local_datetime(&n)
+                                .single()
+                                .map(|t| Some(t.to_utc()))
+                                .ok_or_else(|| format!("time {s:?} does not exist in zone {cst}"));
+                        }
+                    }
+                    Err(format!("unrecognized time {s:?}"))
+                };
+                prop_assert_eq!(parse_provider_time(&s, cst), model());
             }
 
             /// Any text: a time, nothing (blank), or an error naming it; never a

@@ -3,29 +3,37 @@
 //! answers to [`PayDetail`].
 //!
 //! - [`sign`]: the `X-PAY-SIGN` rule (HMAC-SHA256 over timestamp, method, target, body).
+//! - [`Signer`]: the same rule with the HMAC keyed once (what each request uses).
 //! - [`PayProtocol`]: the provider; every call is signed and sent through the transport.
 //! - [`classify_detail`]: a pure function from an HTTP answer to a detail or a
 //!   [`FetchError`] class.
 //! - [`Currencies`]: decimals per (chain id, symbol), from the API or the config.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
+use std::fmt;
 use std::sync::RwLock;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
 use chrono::{DateTime, FixedOffset, Utc};
 use hmac::{Hmac, Mac};
-use reqwest::Url;
+use http::Uri;
+use http::header::{HeaderName, HeaderValue};
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use sha2::Sha256;
 
 use super::{FetchError, OrderRef, PayProvider, ProviderKind, parse_provider_time};
-use crate::fetch::{RawResponse, Transport};
+use crate::fetch::{Endpoint, RawResponse, Request, Transport};
 use crate::model::{Amount, PayDetail, PayStatus};
 
 /// Default naive-time zone of PayProtocol timestamps (UTC+8, an assumption).
 pub const DEFAULT_TIME_ZONE: &str = "+08:00";
+
+const X_PAY_KEY: HeaderName = HeaderName::from_static("x-pay-key");
+const X_PAY_TIMESTAMP: HeaderName = HeaderName::from_static("x-pay-timestamp");
+const X_PAY_SIGN: HeaderName = HeaderName::from_static("x-pay-sign");
 
 /// `X-PAY-SIGN` for one request: standard Base64 of HMAC-SHA256 over
 /// `timestamp + METHOD + request_target + body`, where `request_target` is the path
@@ -37,12 +45,40 @@ pub fn sign(
     request_target: &str,
     body: &[u8],
 ) -> String {
-    let mut mac = Hmac::<Sha256>::new_from_slice(secret).expect("HMAC accepts any key length");
-    mac.update(timestamp.as_bytes());
-    mac.update(method.to_ascii_uppercase().as_bytes());
-    mac.update(request_target.as_bytes());
-    mac.update(body);
-    base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes())
+    Signer::new(secret).sign(timestamp, method, request_target, body)
+}
+
+/// The [`sign`] rule with the HMAC keyed once: each signature starts from a copy of
+/// the keyed state, so the key is not hashed again per request. `Debug` shows
+/// nothing of the key.
+#[derive(Clone)]
+pub struct Signer(Hmac<Sha256>);
+
+impl Signer {
+    pub fn new(secret: &[u8]) -> Self {
+        Self(Hmac::new_from_slice(secret).expect("HMAC accepts any key length"))
+    }
+
+    /// `X-PAY-SIGN` for one request (see [`sign`]).
+    pub fn sign(&self, timestamp: &str, method: &str, request_target: &str, body: &[u8]) -> String {
+        let method = if method.bytes().any(|b| b.is_ascii_lowercase()) {
+            Cow::Owned(method.to_ascii_uppercase())
+        } else {
+            Cow::Borrowed(method)
+        };
+        let mut mac = self.0.clone();
+        mac.update(timestamp.as_bytes());
+        mac.update(method.as_bytes());
+        mac.update(request_target.as_bytes());
+        mac.update(body);
+        base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes())
+    }
+}
+
+impl fmt::Debug for Signer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Signer([REDACTED])")
+    }
 }
 
 /// Everything the PayProtocol client needs from the config.
@@ -79,14 +115,21 @@ impl Currencies {
 pub struct PayProtocol {
     settings: PayProtocolSettings,
     transport: Transport,
-    base: Url,
+    base: Endpoint,
+    /// `X-PAY-KEY`.
+    api_key: HeaderValue,
+    /// Keyed with the API secret.
+    signer: Signer,
     currencies: RwLock<Currencies>,
 }
 
 impl PayProtocol {
     pub fn new(settings: PayProtocolSettings, transport: Transport) -> Result<Self, String> {
         let trimmed = settings.base_url.trim_end_matches('/');
-        let base = Url::parse(trimmed).map_err(|e| format!("invalid base_url: {e}"))?;
+        let base = Endpoint::parse(trimmed).map_err(|e| format!("invalid base_url: {e}"))?;
+        let api_key = HeaderValue::from_str(&settings.api_key)
+            .map_err(|_| "api_key is not a valid HTTP header value".to_owned())?;
+        let signer = Signer::new(settings.api_secret.expose_secret().as_bytes());
         let mut currencies = Currencies::default();
         for ((chain, symbol), d) in &settings.decimals {
             currencies.insert(*chain, symbol, *d);
@@ -95,59 +138,47 @@ impl PayProtocol {
             settings,
             transport,
             base,
+            api_key,
+            signer,
             currencies: RwLock::new(currencies),
         })
     }
 
-    /// Builds the URL for `path` with `query` pairs, encoded once; the request
-    /// target that is signed is read back from that same URL.
-    fn url(&self, path: &str, query: &[(&str, &str)]) -> Url {
-        let mut url = self.base.clone();
-        let joined = format!("{}{}", self.base.path().trim_end_matches('/'), path);
-        url.set_path(&joined);
-        if query.is_empty() {
-            url.set_query(None);
-        } else {
-            let q = form_urlencoded::Serializer::new(String::new())
-                .extend_pairs(query)
-                .finish();
-            url.set_query(Some(&q));
-        }
-        url
+    /// Builds the URI for `path` with `query` pairs, encoded once; the request
+    /// target that is signed is read back from that same URI.
+    fn url(&self, path: &str, query: &[(&str, &str)]) -> Result<Uri, FetchError> {
+        self.base
+            .uri(path, query)
+            .map_err(|e| FetchError::Transport(format!("cannot build the request target: {e}")))
     }
 
     /// Sends a signed GET. The timestamp is taken after the limiter admits the
     /// request, so a long wait (or a pause after a 429) never sends a stale signature.
-    async fn get(&self, url: Url) -> Result<RawResponse, FetchError> {
+    async fn get(&self, uri: Uri) -> Result<RawResponse, FetchError> {
         self.transport.admit().await;
-        let target = match url.query() {
-            Some(q) => format!("{}?{}", url.path(), q),
-            None => url.path().to_owned(),
-        };
+        // Exactly the request target the client writes on the wire.
+        let target = uri.path_and_query().map_or("/", |pq| pq.as_str());
         let ts = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default()
             .as_secs()
             .to_string();
-        let sig = sign(
-            self.settings.api_secret.expose_secret().as_bytes(),
-            &ts,
-            "GET",
-            &target,
-            b"",
-        );
-        let req = self
-            .transport
-            .client()
-            .get(url)
-            .header("X-PAY-KEY", &self.settings.api_key)
-            .header("X-PAY-TIMESTAMP", ts)
-            .header("X-PAY-SIGN", sig);
+        let sig = self.signer.sign(&ts, "GET", target, b"");
+        // Digits and Base64 are always valid header values.
+        let (Ok(ts), Ok(sig)) = (HeaderValue::try_from(ts), HeaderValue::try_from(sig)) else {
+            return Err(FetchError::Transport(
+                "cannot encode the signature headers".to_owned(),
+            ));
+        };
+        let req = Request::get(uri)
+            .header(X_PAY_KEY, self.api_key.clone())
+            .header(X_PAY_TIMESTAMP, ts)
+            .header(X_PAY_SIGN, sig);
         self.transport.send_admitted(req).await
     }
 
     async fn load_currencies(&self) -> Result<usize, FetchError> {
-        let raw = self.get(self.url("/conf/list/currency", &[])).await?;
+        let raw = self.get(self.url("/conf/list/currency", &[])?).await?;
         let list = classify_currencies(&raw)?;
         let mut table = self.currencies.write().unwrap_or_else(|e| e.into_inner());
         let mut added = 0;
@@ -194,11 +225,17 @@ impl PayProvider for PayProtocol {
     }
 
     async fn fetch_detail(&self, order: &OrderRef) -> Result<PayDetail, FetchError> {
-        let mut q = vec![("outTradeNo", order.order_no.as_str())];
-        if let Some(p) = order.payment_no.as_deref().filter(|p| !p.is_empty()) {
-            q.push(("outPaymentNo", p));
-        }
-        let raw = self.get(self.url("/payment/detail", &q)).await?;
+        let payment = order.payment_no.as_deref().filter(|p| !p.is_empty());
+        let pairs = [
+            ("outTradeNo", order.order_no.as_str()),
+            ("outPaymentNo", payment.unwrap_or_default()),
+        ];
+        let query = if payment.is_some() {
+            &pairs[..]
+        } else {
+            &pairs[..1]
+        };
+        let raw = self.get(self.url("/payment/detail", query)?).await?;
         let currencies = self.currencies.read().unwrap_or_else(|e| e.into_inner());
         classify_detail(&raw, &currencies, self.settings.naive_zone)
     }
@@ -249,14 +286,75 @@ pub(crate) struct CurrencyDto {
 }
 
 /// Amount fields are documented as strings; accept bare integers too (never floats).
+/// Anything else is refused naming the JSON it found.
 fn string_or_number<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
-    match Option::<serde_json::Value>::deserialize(d)? {
-        None | Some(serde_json::Value::Null) => Ok(None),
-        Some(serde_json::Value::String(s)) => Ok(Some(s)),
-        Some(serde_json::Value::Number(n)) if n.is_i64() || n.is_u64() => Ok(Some(n.to_string())),
-        Some(other) => Err(serde::de::Error::custom(format!(
-            "expected an amount string, got {other}"
-        ))),
+    d.deserialize_option(AmountVisitor)
+}
+
+/// Reads an amount without building a `serde_json::Value` (only a refused value is
+/// built, to name it in the error).
+struct AmountVisitor;
+
+impl AmountVisitor {
+    fn refuse<E: serde::de::Error>(other: serde_json::Value) -> E {
+        E::custom(format!("expected an amount string, got {other}"))
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for AmountVisitor {
+    type Value = Option<String>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("an amount string or integer")
+    }
+
+    fn visit_none<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+
+    fn visit_unit<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+
+    fn visit_some<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_any(self)
+    }
+
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
+        Ok(Some(v.to_owned()))
+    }
+
+    fn visit_string<E: serde::de::Error>(self, v: String) -> Result<Self::Value, E> {
+        Ok(Some(v))
+    }
+
+    fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Self::Value, E> {
+        Ok(Some(v.to_string()))
+    }
+
+    fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Self::Value, E> {
+        Ok(Some(v.to_string()))
+    }
+
+    fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Self::Value, E> {
+        Err(Self::refuse(
+            serde_json::Number::from_f64(v)
+                .map_or(serde_json::Value::Null, serde_json::Value::Number),
+        ))
+    }
+
+    fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<Self::Value, E> {
+        Err(Self::refuse(serde_json::Value::Bool(v)))
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, seq: A) -> Result<Self::Value, A::Error> {
+        let v = serde_json::Value::deserialize(serde::de::value::SeqAccessDeserializer::new(seq))?;
+        Err(Self::refuse(v))
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+        let v = serde_json::Value::deserialize(serde::de::value::MapAccessDeserializer::new(map))?;
+        Err(Self::refuse(v))
     }
 }
 
@@ -625,9 +723,66 @@ mod tests {
         let limiter = std::sync::Arc::new(crate::fetch::Limiter::new(1.0, 1));
         let t = Transport::new(limiter, Duration::from_secs(1), 1024, Default::default()).unwrap();
         let p = PayProtocol::new(settings, t).unwrap();
-        let url = p.url("/payment/detail", &[("outTradeNo", "../a b&c=d#e")]);
+        let url = p
+            .url("/payment/detail", &[("outTradeNo", "../a b&c=d#e")])
+            .unwrap();
         assert_eq!(url.path(), "/api/mer/payment/detail");
         assert_eq!(url.query(), Some("outTradeNo=..%2Fa+b%26c%3Dd%23e"));
+        assert_eq!(
+            url.path_and_query().unwrap().as_str(),
+            "/api/mer/payment/detail?outTradeNo=..%2Fa+b%26c%3Dd%23e"
+        );
+    }
+
+    /// Amounts read without `serde_json::Value` accept exactly what the old
+    /// `Value`-based reader accepted (strings, integers, null, absent) and refuse the
+    /// rest with the same message.
+    #[test]
+    fn amounts_read_as_before() {
+        #[derive(Debug, Deserialize)]
+        struct Probe {
+            #[serde(default, deserialize_with = "string_or_number")]
+            a: Option<String>,
+        }
+        /// The reader this replaced, as the model.
+        fn model(json: &str) -> Result<Option<String>, String> {
+            let v: serde_json::Value = serde_json::from_str(json).map_err(|e| e.to_string())?;
+            match v.get("a") {
+                None | Some(serde_json::Value::Null) => Ok(None),
+                Some(serde_json::Value::String(s)) => Ok(Some(s.clone())),
+                Some(serde_json::Value::Number(n)) if n.is_i64() || n.is_u64() => {
+                    Ok(Some(n.to_string()))
+                }
+                Some(other) => Err(format!("expected an amount string, got {other}")),
+            }
+        }
+        for value in [
+            r#""12.5""#,
+            r#""""#,
+            r#""a\"b""#,
+            "0",
+            "-7",
+            "18446744073709551615",
+            "18446744073709551616",
+            "1.5",
+            "1e300",
+            "-0.0",
+            "true",
+            "null",
+            "[1,\"x\",{\"k\":null}]",
+            "{\"k\":[1.25]}",
+        ] {
+            let json = format!(r#"{{"a":{value}}}"#);
+            let got = serde_json::from_str::<Probe>(&json)
+                .map(|p| p.a)
+                .map_err(|e| e.to_string());
+            match (got, model(&json)) {
+                (Ok(g), Ok(m)) => assert_eq!(g, m, "{json}"),
+                (Err(g), Err(m)) => assert!(g.starts_with(&m), "{json}: {g} / {m}"),
+                (g, m) => panic!("{json}: {g:?} / {m:?}"),
+            }
+        }
+        assert_eq!(serde_json::from_str::<Probe>("{}").unwrap().a, None);
     }
 
     /// The spec's three signing vectors.
@@ -659,6 +814,32 @@ mod tests {
             ),
             "TTapR5tRnCrznCT7WzQMRXZBIyby/YdJAFR7GOoG0Eo="
         );
+    }
+
+    /// One keyed signer gives the spec's signatures again and again (each signature
+    /// starts from the keyed state, none carries over), and its Debug output does not
+    /// show the key.
+    #[test]
+    fn signer_is_reusable_and_hides_its_key() {
+        let signer = Signer::new(b"test_secret");
+        for _ in 0..3 {
+            assert_eq!(
+                signer.sign("1723971200", "get", "/api/mer/conf/list/chain", b""),
+                "YELJogXXgL8kqSAgyC48GjIj7XLDPKDWdatWM4lzT4I="
+            );
+            assert_eq!(
+                signer.sign(
+                    "1723971200",
+                    "POST",
+                    "/api/mer/payment/createPaymentOrder",
+                    br#"{"outTradeNo":"ORD-1"}"#
+                ),
+                "TTapR5tRnCrznCT7WzQMRXZBIyby/YdJAFR7GOoG0Eo="
+            );
+        }
+        let debug = format!("{signer:?}");
+        assert!(!debug.contains("test_secret"), "{debug}");
+        assert!(debug.contains("REDACTED"), "{debug}");
     }
 
     mod properties {
@@ -744,7 +925,7 @@ mod tests {
             #[test]
             fn detail_target_encodes_once_and_is_signed_as_sent(order in param(), payment in param()) {
                 let p = client();
-                let url = p.url("/payment/detail", &[("outTradeNo", &order), ("outPaymentNo", &payment)]);
+                let url = p.url("/payment/detail", &[("outTradeNo", &order), ("outPaymentNo", &payment)]).unwrap();
                 let query = url.query().unwrap();
                 let pairs: Vec<(String, String)> = form_urlencoded::parse(query.as_bytes())
                     .into_owned()
@@ -755,13 +936,14 @@ mod tests {
                 );
                 prop_assert!(query.bytes().all(|b| b.is_ascii_graphic()), "{}", query);
                 prop_assert!(!query.contains('#'));
-                let again = Url::parse(url.as_str()).unwrap();
+                let again = url::Url::parse(&url.to_string()).unwrap();
                 prop_assert_eq!(again.query(), Some(query));
                 prop_assert_eq!(again.path(), "/api/mer/payment/detail");
                 // The same inputs always give the same target.
-                let twice = p.url("/payment/detail", &[("outTradeNo", &order), ("outPaymentNo", &payment)]);
-                prop_assert_eq!(twice.as_str(), url.as_str());
+                let twice = p.url("/payment/detail", &[("outTradeNo", &order), ("outPaymentNo", &payment)]).unwrap();
+                prop_assert_eq!(&twice, &url);
                 let target = format!("{}?{}", again.path(), query);
+                prop_assert_eq!(url.path_and_query().unwrap().as_str(), target.as_str());
                 let want = hmac_sha256(b"test_secret", format!("1723971200GET{target}").as_bytes());
                 let got = sign(b"test_secret", "1723971200", "GET", &target, b"");
                 prop_assert_eq!(base64::engine::general_purpose::STANDARD.decode(got).unwrap(), want);

@@ -1146,6 +1146,84 @@ async fn https_with_a_self_signed_certificate_is_refused() {
     }
 }
 
+/// An http base URL whose host does not resolve is reached through the proxy the
+/// environment names (`HTTP_PROXY`, or `http_proxy`), here the mock server itself,
+/// which routes the absolute-form requests by path: both providers finish every
+/// order, and the server saw one detail request per order.
+#[tokio::test(flavor = "multi_thread")]
+async fn http_proxy_from_the_environment_is_used() {
+    let orders = numbered("PAID", 3);
+    for (prov, var) in [
+        (Prov::PayProtocol, "HTTP_PROXY"),
+        (Prov::GenAuth, "http_proxy"),
+    ] {
+        let server = mock(MockOptions::default()).await;
+        let ws = Workspace::new();
+        ws.write("orders.csv", &orders_csv(&orders));
+        let host = "http://paysync-proxy-test.invalid";
+        match prov {
+            Prov::PayProtocol => ws.config(&format!("{host}/api/mer"), PP_SECRET, ""),
+            Prov::GenAuth => ws.genauth_config(host, GA_SECRET, ""),
+        };
+        let out = ws
+            .run_command(&["--input", "orders.csv"])
+            .env(var, format!("http://{}", server.addr()))
+            .output()
+            .await
+            .unwrap();
+        assert_eq!(out.status.code(), Some(0), "{prov:?}: {}", stderr(&out));
+        let latest = latest(&ws.rows());
+        assert_eq!(latest.len(), orders.len(), "{prov:?}");
+        for (o, r) in &latest {
+            assert_eq!(r["status"], "paid", "{prov:?} {o}: {r}");
+        }
+        let c = server.counters().snapshot();
+        assert_eq!(
+            prov.detail_requests(&c),
+            orders.len() as u64,
+            "{prov:?} {c:?}"
+        );
+    }
+}
+
+/// `NO_PROXY` hosts are reached directly: with `HTTP_PROXY` naming a port nobody
+/// listens on, a run against the mock on 127.0.0.1 succeeds when `NO_PROXY` lists
+/// 127.0.0.1, and fails with transport errors (the dead proxy) when it does not.
+#[tokio::test(flavor = "multi_thread")]
+async fn no_proxy_hosts_bypass_the_proxy() {
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let orders = numbered("PAID", 2);
+    for no_proxy in [Some("localhost,127.0.0.1"), None] {
+        let server = mock(MockOptions::default()).await;
+        let ws = Workspace::new();
+        ws.write("orders.csv", &orders_csv(&orders));
+        Prov::PayProtocol.config(&ws, &server, "[fetch]\nmax_attempts = 2\n");
+        let mut cmd = ws.run_command(&["--input", "orders.csv"]);
+        cmd.env("HTTP_PROXY", format!("http://{dead}"));
+        if let Some(hosts) = no_proxy {
+            cmd.env("NO_PROXY", hosts);
+        }
+        let out = cmd.output().await.unwrap();
+        let c = server.counters().snapshot();
+        let rows = ws.rows();
+        if no_proxy.is_some() {
+            assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+            assert_eq!(c.payprotocol_detail_requests, orders.len() as u64, "{c:?}");
+        } else {
+            assert_ne!(out.status.code(), Some(0), "{}", stderr(&out));
+            assert_eq!(c.payprotocol_detail_requests, 0, "{c:?}");
+            assert!(!rows.is_empty());
+            for r in &rows {
+                let e = r["error"].as_str().unwrap_or_default();
+                assert!(e.contains("transport error"), "{r}");
+            }
+        }
+    }
+}
+
 /// Under `umask 000`, output files, manifests, `_SUCCESS` and rejects are created
 /// 0640, output and partition directories 0750, and the state file with its WAL,
 /// shared-memory and lock files 0600 (checked while the daemon holds them open,
@@ -1175,6 +1253,9 @@ async fn files_have_restrictive_modes_whatever_the_umask() {
         .current_dir(ws.path("."))
         .env_remove("CREDENTIALS_DIRECTORY")
         .kill_on_drop(true);
+        for var in PROXY_VARS {
+            c.env_remove(var);
+        }
         c
     };
     let mode = |rel: &str| {

@@ -17,6 +17,18 @@ pub async fn mock(opts: MockOptions) -> MockServer {
         .expect("mock server starts")
 }
 
+/// The proxy variables paysync reads (upper and lower case).
+pub const PROXY_VARS: [&str; 8] = [
+    "HTTP_PROXY",
+    "http_proxy",
+    "HTTPS_PROXY",
+    "https_proxy",
+    "ALL_PROXY",
+    "all_proxy",
+    "NO_PROXY",
+    "no_proxy",
+];
+
 /// A temporary directory holding config, secret, inputs, state and output.
 pub struct Workspace {
     dir: tempfile::TempDir,
@@ -97,6 +109,8 @@ impl Workspace {
         self.command(args).output().await.expect("paysync runs")
     }
 
+    /// The real binary, run in the workspace. Proxy variables of the machine running
+    /// the tests are removed (a test about proxies sets its own after this).
     pub fn command(&self, args: &[&str]) -> tokio::process::Command {
         let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_paysync"));
         cmd.args(args)
@@ -104,6 +118,9 @@ impl Workspace {
             .env("RUST_LOG", "info")
             .env_remove("CREDENTIALS_DIRECTORY")
             .kill_on_drop(true);
+        for var in PROXY_VARS {
+            cmd.env_remove(var);
+        }
         cmd
     }
 
