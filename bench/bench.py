@@ -316,17 +316,27 @@ def scenario_cost(args, tmp, table):
     table.add(sc, f"concurrency sweep at N/4 = {small} (orders/s)",
               ", ".join(f"{r['concurrency']}: {r['orders_per_s']:.0f}" for r in sweep)
               + f" -> best {c}")
-    full = cost_run(args, tmp, n, c, "full")
+    # CPU time on a shared or virtual machine moves between identical runs (other
+    # tenants, frequency): N is run --repeat times; the median run is the figure.
+    runs = [cost_run(args, tmp, n, c, f"full{i}") for i in range(args.repeat)]
+    by_cpu = sorted(runs, key=lambda r: r["cpu"])
+    full = by_cpu[(len(by_cpu) - 1) // 2]
     us = full["cpu_per_1000"] * 1000
-    table.add(sc, f"run (N = {n}, concurrency {c})",
-              f"exit {full['rc']}, {full['rows']}/{n} rows, {full['stats']['throttled']} 429s",
-              "exit 0, all rows", full["ok"])
-    table.add(sc, "throughput", f"{full['orders_per_s']:.0f} orders/s (wall {full['wall']:.2f} s)")
-    table.add(sc, "CPU per 1000 orders (user+sys)",
+    table.add(sc, f"runs (N = {n}, concurrency {c}, x{len(runs)})",
+              "; ".join(f"exit {r['rc']}, {r['rows']}/{n} rows, {r['stats']['throttled']} 429s"
+                        for r in runs),
+              "exit 0, all rows", all(r["ok"] for r in runs))
+    table.add(sc, "throughput (median run)",
+              f"{full['orders_per_s']:.0f} orders/s (wall {full['wall']:.2f} s)")
+    table.add(sc, "CPU per order, each run (us, user+sys)",
+              ", ".join(f"{r['cpu_per_1000'] * 1000:.1f}" for r in runs)
+              + f" (best {by_cpu[0]['cpu_per_1000'] * 1000:.1f})")
+    table.add(sc, "CPU per 1000 orders (user+sys), median run",
               f"{full['cpu_per_1000']:.4f} s = {us:.1f} us/order "
               f"({full['user']:.2f} user + {full['sys']:.2f} sys)",
               f"<= {CPU_US_PER_ORDER_MAX:g} us/order", us <= CPU_US_PER_ORDER_MAX)
-    rss, rss_small = full["maxrss_kib"] / 1024, best["maxrss_kib"] / 1024
+    rss = max(r["maxrss_kib"] for r in runs) / 1024
+    rss_small = best["maxrss_kib"] / 1024
     if n >= RSS_TARGET_ORDERS:
         table.add(sc, f"peak RSS at N = {n}", f"{rss:.1f} MiB", f"<= {RSS_MAX_MIB:g} MiB",
                   rss <= RSS_MAX_MIB)
@@ -482,8 +492,11 @@ How each figure is measured:
   enforce 20/s (token bucket of 20); every 429 there is paysync's.
 - 2 cost: `PAID` orders with two extra CSV columns, rate_limit 1e6, burst 1000,
   settle.wait 0s. Concurrency is swept at N/4 and the fastest (orders/s) is used for
-  N; the N/4 run at that concurrency is the memory comparison. The 1,000,000-order
-  RSS figure is a linear projection unless run with --orders 1000000.
+  N, run --repeat times (default 3): CPU time of identical runs moves by 10-25 % on
+  a shared virtual machine, so the median run is the figure (every run is listed)
+  and peak RSS is the largest of the runs; the N/4 run at that concurrency is the
+  memory comparison. The 1,000,000-order RSS figure is a linear projection unless
+  run with --orders 1000000.
 - 3 settlement: `PENDING` orders (mock: P polls pending, C polls confirming, then
   paid), poll_interval = confirming_interval = 200ms, backoff_factor 1.0, wait 60s.
   Polls per order = the mock's detail requests / orders; ideal = P + C + 1.
@@ -507,6 +520,8 @@ def main():
     ap.add_argument("--quick", action="store_true", help="smoke run: --orders 20000")
     ap.add_argument("--concurrency", default="32,64,128",
                     help="fetch.concurrency values to sweep in the cost scenario")
+    ap.add_argument("--repeat", type=int, default=3,
+                    help="runs of N in the cost scenario; the median is reported (default 3)")
     ap.add_argument("--quota-orders", type=int, default=400)
     ap.add_argument("--settle-orders", type=int, default=1000)
     ap.add_argument("--pending-polls", type=int, default=2)
