@@ -10,9 +10,12 @@
 //!
 //! Queue files: the read position (byte offset and the file's device:inode) is
 //! saved in the same state transaction as the orders read, so a crash neither loses
-//! nor re-reads a line. A different inode means the file was rotated: the new file
-//! is read from its start. A file shorter than the saved offset was truncated: it
-//! is read from its start. A trailing line without `\n` waits until it is complete.
+//! nor re-reads a line. A different inode means the file was rotated: the old file
+//! is looked for in the same directory by its device:inode (logrotate's `queue.1` or
+//! `queue-20261123`), its lines after the saved offset are read, and then the new
+//! file from its start; if it is gone, a warning says its unread tail is lost. A
+//! file shorter than the saved offset was truncated: it is read from its start. A
+//! trailing line without `\n` waits until it is complete.
 //!
 //! Inbox: each `*.csv` in `input.inbox_dir` is ingested once, then moved to
 //! `done/` inside it. A crash mid-file ingests it again at the next run: orders
@@ -64,6 +67,24 @@ pub fn missed_export(cron: &croner::Cron, last: Option<DateTime<Utc>>, now: Date
     };
     cron.find_next_occurrence(&last, false)
         .is_ok_and(|next| next <= now)
+}
+
+/// The file beside queue file `path` (its rotated self) whose device:inode is
+/// `identity`, if there is one.
+fn rotated_file(path: &Path, identity: &str) -> Option<PathBuf> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    std::fs::read_dir(dir)
+        .ok()?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|p| {
+            p != path
+                && std::fs::metadata(p)
+                    .is_ok_and(|m| m.is_file() && input::file_identity(&m) == identity)
+        })
 }
 
 /// Parses a 6-field cron expression (seconds first), as the config validated it.
@@ -223,27 +244,68 @@ impl Sources {
         let key = path.display().to_string();
         let identity = input::file_identity(&meta);
         let store = &d.engine.store;
-        let mut offset = match store.queue_position(&key)? {
+        let mut new = 0;
+        let offset = match store.queue_position(&key)? {
             Some(p) if p.identity == identity && p.offset <= meta.len() => p.offset,
             Some(p) if p.identity == identity => {
                 tracing::warn!(queue = %key, offset = p.offset, size = meta.len(), "queue file was truncated; reading it from the start");
                 0
             }
-            Some(_) => {
-                tracing::info!(queue = %key, "queue file was replaced (rotated); reading the new file from the start");
+            Some(p) => {
+                // Rotated: finish the old file first (its position is saved under the
+                // old identity until it is read to the end).
+                match rotated_file(path, &p.identity) {
+                    Some(old) => {
+                        tracing::info!(queue = %key, rotated = %old.display(), offset = p.offset, "queue file was rotated; reading the rest of the old file, then the new one");
+                        let (n, done) =
+                            self.read_queue(d, &old, &key, &p.identity, p.offset, rejects)?;
+                        new += n;
+                        if !done {
+                            return Ok(new);
+                        }
+                        // The old file is read: the position is the new file's now,
+                        // even before it has a line.
+                        let start = QueuePosition {
+                            path: key.clone(),
+                            identity: identity.clone(),
+                            offset: 0,
+                        };
+                        store.add_orders(&d.run_id, &[], d.engine.clock.now(), Some(&start))?;
+                    }
+                    None => {
+                        tracing::warn!(queue = %key, offset = p.offset, "queue file was rotated and the old file is not in its directory any more; lines appended to it after the last ingest were not read")
+                    }
+                }
                 0
             }
             None => 0,
         };
+        let (n, _) = self.read_queue(d, path, &key, &identity, offset, rejects)?;
+        Ok(new + n)
+    }
+
+    /// Registers the complete lines of queue file `file` from `offset` to its end,
+    /// saving the position under `key` and `identity` with each batch. Returns the
+    /// new orders and whether the end was reached (false when stopping).
+    fn read_queue(
+        &self,
+        d: &Daemon,
+        file: &Path,
+        key: &str,
+        identity: &str,
+        mut offset: u64,
+        rejects: &mut RejectsWriter,
+    ) -> Result<(u64, bool), RunError> {
+        let store = &d.engine.store;
         let mut line = None;
         let mut new = 0;
         loop {
             let chunk = match line {
-                Some(l) => input::read_queue_from_line(path, offset, l, QUEUE_BATCH)?,
-                None => input::read_queue_from(path, offset, QUEUE_BATCH)?,
+                Some(l) => input::read_queue_from_line(file, offset, l, QUEUE_BATCH)?,
+                None => input::read_queue_from(file, offset, QUEUE_BATCH)?,
             };
             if chunk.next_offset == offset && chunk.records.is_empty() {
-                break;
+                return Ok((new, true));
             }
             let mut orders = Vec::with_capacity(chunk.records.len());
             for rec in chunk.records {
@@ -265,8 +327,8 @@ impl Sources {
                 }
             }
             let pos = QueuePosition {
-                path: key.clone(),
-                identity: identity.clone(),
+                path: key.to_owned(),
+                identity: identity.to_owned(),
                 offset: chunk.next_offset,
             };
             let admissions =
@@ -278,11 +340,13 @@ impl Sources {
             d.new_work.notify_one();
             offset = chunk.next_offset;
             line = Some(chunk.next_line);
-            if chunk.at_end || d.stop.is_cancelled() {
-                break;
+            if chunk.at_end {
+                return Ok((new, true));
+            }
+            if d.stop.is_cancelled() {
+                return Ok((new, false));
             }
         }
-        Ok(new)
     }
 
     /// Ingests each CSV in the inbox once, then moves it to `done/`.

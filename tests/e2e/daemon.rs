@@ -337,6 +337,78 @@ async fn export_missed_while_down_runs_at_start() {
     assert_no_duplicates(&ws.rows());
 }
 
+/// A queue file rotated while the daemon is down: the lines appended to the old
+/// file after the last ingest are read from the rotated file (found beside it by
+/// its inode), then the new file from its start; each order is fetched once. When
+/// the rotated file is gone too, the daemon says that its tail was not read.
+#[tokio::test(flavor = "multi_thread")]
+async fn queue_rotated_while_down_loses_no_line() {
+    let server = mock(MockOptions::default()).await;
+    let ws = Workspace::new();
+    std::fs::create_dir(ws.path("inbox")).unwrap();
+    ws.config(&server.payprotocol_base_url(), SECRET, DAEMON);
+    let stop = |mut daemon: tokio::process::Child| async move {
+        sigterm(&daemon);
+        let mut err = String::new();
+        use tokio::io::AsyncReadExt;
+        daemon
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut err)
+            .await
+            .unwrap();
+        assert_eq!(daemon.wait().await.unwrap().code(), Some(0), "{err}");
+        err
+    };
+
+    append(&ws, "queue.txt", "A-PAID-1\nA-PAID-2\n");
+    let daemon = start_daemon(&ws, None);
+    wait_for("first lines exported", || latest(&ws.rows()).len() == 2).await;
+    stop(daemon).await;
+
+    // Down: two more lines, then logrotate's rename and a new file.
+    append(&ws, "queue.txt", "B-PAID-1\nB-PAID-2\n");
+    std::fs::rename(ws.path("queue.txt"), ws.path("queue.txt.1")).unwrap();
+    append(&ws, "queue.txt", "C-PAID-1\n");
+    let daemon = start_daemon(&ws, None);
+    wait_for("old tail and new file exported", || {
+        latest(&ws.rows()).len() == 5
+    })
+    .await;
+    // Lines appended to the new file later are read from where it was left.
+    append(&ws, "queue.txt", "C-PAID-2\n");
+    wait_for("new line exported", || latest(&ws.rows()).len() == 6).await;
+    let err = stop(daemon).await;
+    assert!(
+        err.contains("queue file was rotated; reading the rest"),
+        "{err}"
+    );
+    assert_eq!(server.counters().snapshot().payprotocol_detail_requests, 6);
+
+    // Down again: a line for the old file, then it is rotated and deleted.
+    // (The new file is created before the old one is deleted, so that it cannot
+    // reuse the old inode.)
+    append(&ws, "queue.txt", "D-PAID-lost\n");
+    std::fs::rename(ws.path("queue.txt"), ws.path("queue.txt.2")).unwrap();
+    append(&ws, "queue.txt", "E-PAID-1\n");
+    std::fs::remove_file(ws.path("queue.txt.2")).unwrap();
+    let daemon = start_daemon(&ws, None);
+    wait_for("newest file exported", || {
+        latest(&ws.rows()).contains_key("E-PAID-1")
+    })
+    .await;
+    let err = stop(daemon).await;
+    assert!(
+        err.contains("old file is not in its directory any more"),
+        "{err}"
+    );
+    let rows = ws.rows();
+    assert_no_duplicates(&rows);
+    assert_eq!(rows.len(), 7);
+    assert_eq!(server.counters().snapshot().payprotocol_detail_requests, 7);
+}
+
 /// A job never overlaps a still-running instance of itself: while an inbox file is
 /// being ingested (each turn stalled 2.5 s by the `slow-ingest` delay point, so
 /// this does not depend on how fast ingest is), the next ingest turns are skipped,
