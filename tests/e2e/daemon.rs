@@ -77,6 +77,22 @@ fn sigterm(child: &tokio::process::Child) {
         .unwrap();
 }
 
+/// Stops the daemon with SIGTERM, checks that it exits 0, and returns its stderr.
+async fn stop_daemon(mut daemon: tokio::process::Child) -> String {
+    use tokio::io::AsyncReadExt;
+    sigterm(&daemon);
+    let mut err = String::new();
+    daemon
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .await
+        .unwrap();
+    assert_eq!(daemon.wait().await.unwrap().code(), Some(0), "{err}");
+    err
+}
+
 fn start_daemon(ws: &Workspace, notify: Option<&Notifications>) -> tokio::process::Child {
     start_daemon_with(ws, notify, &[])
 }
@@ -347,25 +363,10 @@ async fn queue_rotated_while_down_loses_no_line() {
     let ws = Workspace::new();
     std::fs::create_dir(ws.path("inbox")).unwrap();
     ws.config(&server.payprotocol_base_url(), SECRET, DAEMON);
-    let stop = |mut daemon: tokio::process::Child| async move {
-        sigterm(&daemon);
-        let mut err = String::new();
-        use tokio::io::AsyncReadExt;
-        daemon
-            .stderr
-            .take()
-            .unwrap()
-            .read_to_string(&mut err)
-            .await
-            .unwrap();
-        assert_eq!(daemon.wait().await.unwrap().code(), Some(0), "{err}");
-        err
-    };
-
     append(&ws, "queue.txt", "A-PAID-1\nA-PAID-2\n");
     let daemon = start_daemon(&ws, None);
     wait_for("first lines exported", || latest(&ws.rows()).len() == 2).await;
-    stop(daemon).await;
+    stop_daemon(daemon).await;
 
     // Down: two more lines, then logrotate's rename and a new file.
     append(&ws, "queue.txt", "B-PAID-1\nB-PAID-2\n");
@@ -379,7 +380,7 @@ async fn queue_rotated_while_down_loses_no_line() {
     // Lines appended to the new file later are read from where it was left.
     append(&ws, "queue.txt", "C-PAID-2\n");
     wait_for("new line exported", || latest(&ws.rows()).len() == 6).await;
-    let err = stop(daemon).await;
+    let err = stop_daemon(daemon).await;
     assert!(
         err.contains("queue file was rotated; reading the rest"),
         "{err}"
@@ -398,7 +399,7 @@ async fn queue_rotated_while_down_loses_no_line() {
         latest(&ws.rows()).contains_key("E-PAID-1")
     })
     .await;
-    let err = stop(daemon).await;
+    let err = stop_daemon(daemon).await;
     assert!(
         err.contains("old file is not in its directory any more"),
         "{err}"
@@ -424,7 +425,7 @@ async fn a_running_ingest_is_not_started_again() {
         &format!("{DAEMON}\n[fetch]\nrate_limit = 5.0\nburst = 1\n"),
     );
     let notes = Notifications::listen(&ws);
-    let mut daemon = start_daemon_with(&ws, Some(&notes), &[("PAYSYNC_FAILPOINT", "slow-ingest")]);
+    let daemon = start_daemon_with(&ws, Some(&notes), &[("PAYSYNC_FAILPOINT", "slow-ingest")]);
     wait_for("READY=1", || notes.has("READY=1")).await;
     ws.write("big.tmp", &orders_csv(&numbered("PAID", 5_000)));
     std::fs::rename(ws.path("big.tmp"), ws.path("inbox/big.csv")).unwrap();
@@ -432,17 +433,7 @@ async fn a_running_ingest_is_not_started_again() {
         ws.path("inbox/done/big.csv").exists()
     })
     .await;
-    sigterm(&daemon);
-    let mut err = String::new();
-    use tokio::io::AsyncReadExt;
-    daemon
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut err)
-        .await
-        .unwrap();
-    assert_eq!(daemon.wait().await.unwrap().code(), Some(0));
+    let err = stop_daemon(daemon).await;
     assert!(
         err.contains("ingest still running; skipping this turn"),
         "{err}"
