@@ -402,9 +402,12 @@ def scenario_settle(args, tmp, table):
               f"{r['wall']:.2f} s vs {ideal_time:.2f} s of polling intervals")
 
 
-# The peer's two HTTP clients (bench/peer.py --client), as table scenarios.
+# The peer's three HTTP clients (bench/peer.py --client), as table scenarios: the
+# hand-written keep-alive client first (the strictest comparison), then the
+# standard library's two HTTP clients.
 PEERS = [("streams", "4 Python peer (asyncio streams, keep-alive)"),
-         ("urllib", "4b Python peer (asyncio + urllib.request in threads)")]
+         ("httpclient", "4b Python peer (asyncio + http.client keep-alive in threads)"),
+         ("urllib", "4c Python peer (asyncio + urllib.request in threads)")]
 
 
 def scenario_peer(args, tmp, table, paysync_full):
@@ -507,9 +510,11 @@ How each figure is measured:
 - 4 peer: bench/peer.py (a semaphore, HMAC-SHA256 signing per the spec, JSONL out)
   on the same order file shape and count against a fresh mock, at paysync's chosen
   concurrency, with each of its HTTP clients: 4 = asyncio streams speaking HTTP/1.1
-  with keep-alive over a connection pool (the careful script); 4b = urllib.request
-  in asyncio's default thread pool, a connection per request (what the standard
-  library offers out of the box). The 10x target is checked against both.
+  with keep-alive over a connection pool (HTTP written by hand); 4b = http.client
+  in a pool of `concurrency` threads, each keeping its connection alive (the
+  standard library's client, used carefully); 4c = urllib.request in asyncio's
+  default thread pool, a connection per request (what the standard library offers
+  out of the box). The 10x target is checked against each.
 """
 
 

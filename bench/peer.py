@@ -10,6 +10,9 @@ the requests in flight, and one of two HTTP clients (--client):
 - urllib: urllib.request.urlopen run in asyncio's default thread pool
   (asyncio.to_thread), one connection per request. What the standard library
   offers out of the box, and the way most scripts are written.
+- httpclient: http.client.HTTPConnection in a thread pool of `concurrency` threads,
+  each thread keeping its own keep-alive connection. The standard library's HTTP
+  client used with connection reuse, without writing HTTP by hand.
 
 Signing follows the PayProtocol spec: X-PAY-SIGN = base64(HMAC-SHA256(secret,
 timestamp + METHOD + path?query + body)), with X-PAY-KEY and X-PAY-TIMESTAMP.
@@ -19,20 +22,23 @@ GET /conf/list/currency (fetched once).
 Usage:
   peer.py --base-url http://127.0.0.1:PORT/api/mer --input orders.csv --output out.jsonl
           [--column order_no] [--concurrency 64] [--api-key demo-key]
-          [--client streams|urllib]
+          [--client streams|urllib|httpclient]
 The secret comes from $PAYSYNC_API_SECRET (default "demo-secret").
 """
 
 import argparse
 import asyncio
 import base64
+import concurrent.futures
 import csv
 import decimal
 import hashlib
 import hmac
+import http.client
 import json
 import os
 import sys
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -149,6 +155,31 @@ class UrllibClient(Client):
         return await asyncio.to_thread(self.fetch, target)
 
 
+class HttpClientClient(Client):
+    """The same client over http.client, one keep-alive connection per pool thread."""
+
+    def __init__(self, base_url, api_key, secret, concurrency):
+        super().__init__(base_url, api_key, secret, 0)
+        self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, concurrency))
+        self.local = threading.local()
+
+    def fetch(self, target):
+        conn = getattr(self.local, "conn", None)
+        if conn is None:
+            conn = self.local.conn = http.client.HTTPConnection(self.host, self.port, timeout=30)
+        try:
+            conn.request("GET", target, headers=self.signed_headers(target))
+            resp = conn.getresponse()
+            return resp.status, resp.read()
+        except (OSError, http.client.HTTPException):
+            conn.close()
+            self.local.conn = None
+            raise OSError("connection failed") from None
+
+    async def request(self, target):
+        return await asyncio.get_running_loop().run_in_executor(self.pool, self.fetch, target)
+
+
 def scale(base_units, decimals):
     if base_units is None or decimals is None:
         return None
@@ -163,9 +194,9 @@ async def main():
     ap.add_argument("--column", default="order_no")
     ap.add_argument("--concurrency", type=int, default=64)
     ap.add_argument("--api-key", default="demo-key")
-    ap.add_argument("--client", choices=["streams", "urllib"], default="streams")
+    ap.add_argument("--client", choices=["streams", "urllib", "httpclient"], default="streams")
     args = ap.parse_args()
-    kind = UrllibClient if args.client == "urllib" else Client
+    kind = {"streams": Client, "urllib": UrllibClient, "httpclient": HttpClientClient}[args.client]
     client = kind(args.base_url, args.api_key,
                     os.environ.get("PAYSYNC_API_SECRET", "demo-secret"), args.concurrency)
 

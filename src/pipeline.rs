@@ -535,7 +535,10 @@ impl Engine {
                         let abort = abort.clone();
                         let inflight = inflight.clone();
                         tasks.spawn(async move {
-                            let rec = engine.poll_one(due).await;
+                            // Boxed: the poll's future is large (hyper's, the retry
+                            // loop's), and tokio copies a task's future into place
+                            // when spawning and finishing it.
+                            let rec = Box::pin(engine.poll_one(due)).await;
                             drop(permit);
                             match rec {
                                 Ok(rec) => {
