@@ -143,6 +143,21 @@ def run_measured(argv, cwd, env, timeout, name):
     }
 
 
+# The reference workload: a fixed, CPU-bound Python loop timed the same way (the
+# child's own user + sys). It does the same work every time, so the spread of its
+# times is the machine's own noise (other tenants, CPU frequency), to read the
+# other figures against. It runs before every measured paysync and peer run.
+REFERENCE = "s = 0\nfor i in range(3_000_000):\n    s += i * i\n"
+reference_times = []  # CPU seconds of each reference run, in order
+
+
+def reference(cwd):
+    """Runs the reference workload once; returns (and records) its CPU seconds."""
+    r = run_measured([sys.executable, "-c", REFERENCE], cwd, child_env(), 120, "reference")
+    reference_times.append(r["cpu"])
+    return r["cpu"]
+
+
 # ---------------------------------------------------------------------------
 # inputs, config, outputs
 
@@ -286,6 +301,7 @@ def cost_run(args, tmp, n, concurrency, tag):
     orders = wd / "orders.csv"
     write_orders(orders, n, "PAID")
     fetch = {"rate_limit": 1_000_000.0, "burst": 1000, "concurrency": concurrency}
+    ref = reference(wd)
     with Mock(wd) as mock:
         r = run_paysync(wd, mock.addr, orders, fetch, {"wait": "0s"},
                         timeout=max(300, n / 100))
@@ -297,7 +313,8 @@ def cost_run(args, tmp, n, concurrency, tag):
     print(f"    N={n} concurrency={concurrency}: exit {r['rc']}, rows {r['rows']}, "
           f"{r['orders_per_s']:.0f} orders/s, CPU {r['cpu']:.2f} s "
           f"({r['user']:.2f} user + {r['sys']:.2f} sys), {r['cpu_per_1000'] * 1000:.1f} us/order, "
-          f"peak RSS {r['maxrss_kib'] / 1024:.1f} MiB", flush=True)
+          f"peak RSS {r['maxrss_kib'] / 1024:.1f} MiB (reference workload {ref:.3f} s)",
+          flush=True)
     if not args.keep:
         shutil.rmtree(wd, ignore_errors=True)
     return r
@@ -424,6 +441,7 @@ def peer_run(args, tmp, table, paysync_full, client, sc):
     wd.mkdir()
     orders = wd / "orders.csv"
     write_orders(orders, n, "PAID")
+    reference(wd)
     with Mock(wd) as mock:
         r = run_measured([sys.executable, str(PEER), "--base-url", f"http://{mock.addr}/api/mer",
                           "--input", str(orders), "--output", str(wd / "peer.jsonl"),
@@ -445,6 +463,7 @@ def peer_run(args, tmp, table, paysync_full, client, sc):
                   f">= {PEER_RATIO_MIN:g}x", ratio >= PEER_RATIO_MIN)
         table.add(sc, "paysync orders/s / peer orders/s",
                   f"{paysync_full['orders_per_s'] / (n / r['wall']):.2f}x")
+
         # Why the ratio is what it is: both pay the kernel for the same loopback
         # HTTP exchanges (sys time), and 10x the peer may be less than that alone.
         pn = paysync_full["n"]
@@ -487,6 +506,11 @@ How each figure is measured:
   process on 127.0.0.1 (port 0). CPU and peak RSS are the paysync (or peer) child's
   own rusage from os.wait4 (user + sys; ru_maxrss); the mock server is not counted.
   Wall time is from spawn to exit (startup, ingest, fetch, state, output, fsyncs).
+- 0 machine noise: before every cost and peer run, a fixed CPU-bound Python loop
+  (3,000,000 iterations) is timed the same way. Its work never changes, so the
+  spread of its times is how much the machine's speed moved during the benchmark;
+  read the other CPU figures against it. (Its time just before a run does not
+  predict that run's figure well, so nothing is scaled by it.)
 - 1 quota: 400 `PAID` orders (one poll each), rate_limit 20, burst 1, concurrency 16.
   The mock's stats carry no first/last request time, so the achieved rate is
   (rows - 1) / (last - first `observed_at` of the output rows): the fetch rate
@@ -495,7 +519,7 @@ How each figure is measured:
   enforce 20/s (token bucket of 20); every 429 there is paysync's.
 - 2 cost: `PAID` orders with two extra CSV columns, rate_limit 1e6, burst 1000,
   settle.wait 0s. Concurrency is swept at N/4 and the fastest (orders/s) is used for
-  N, run --repeat times (default 3): CPU time of identical runs moves by 10-25 % on
+  N, run --repeat times (default 5): CPU time of identical runs moves by 10-25 % on
   a shared virtual machine, so the median run is the figure (every run is listed)
   and peak RSS is the largest of the runs; the N/4 run at that concurrency is the
   memory comparison. The 1,000,000-order RSS figure is a linear projection unless
@@ -525,8 +549,8 @@ def main():
     ap.add_argument("--quick", action="store_true", help="smoke run: --orders 20000")
     ap.add_argument("--concurrency", default="32,64,128",
                     help="fetch.concurrency values to sweep in the cost scenario")
-    ap.add_argument("--repeat", type=int, default=3,
-                    help="runs of N in the cost scenario; the median is reported (default 3)")
+    ap.add_argument("--repeat", type=int, default=5,
+                    help="runs of N in the cost scenario; the median is reported (default 5)")
     ap.add_argument("--quota-orders", type=int, default=400)
     ap.add_argument("--settle-orders", type=int, default=1000)
     ap.add_argument("--pending-polls", type=int, default=2)
@@ -566,6 +590,13 @@ def main():
         else:
             shutil.rmtree(tmp, ignore_errors=True)
 
+    if reference_times:
+        lo, hi = min(reference_times), max(reference_times)
+        table.add("0 machine noise", "reference workload (fixed Python loop) CPU, "
+                  f"{len(reference_times)} runs",
+                  f"min {lo:.3f} s, median {statistics.median(reference_times):.3f} s, "
+                  f"max {hi:.3f} s: the same work took up to {100 * (hi / lo - 1):.0f} % longer")
+        table.rows.insert(0, table.rows.pop())  # first in the table
     m["loadavg_end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
     print("\n" + table.text())
     fails = sum(1 for r in table.rows if r[4] == "FAIL")
