@@ -306,7 +306,7 @@ def cost_run(args, tmp, n, concurrency, tag):
         r = run_paysync(wd, mock.addr, orders, fetch, {"wait": "0s"},
                         timeout=max(300, n / 100))
         st = mock.stats()
-    r.update(n=n, concurrency=concurrency, stats=st, workdir=wd,
+    r.update(n=n, concurrency=concurrency, stats=st, workdir=wd, reference=ref,
              ok=r["rc"] == 0 and r["rows"] == n and st["throttled"] == 0)
     r["orders_per_s"] = n / r["wall"]
     r["cpu_per_1000"] = 1000 * r["cpu"] / n
@@ -347,7 +347,8 @@ def scenario_cost(args, tmp, table):
               f"{full['orders_per_s']:.0f} orders/s (wall {full['wall']:.2f} s)")
     table.add(sc, "CPU per order, each run (us, user+sys)",
               ", ".join(f"{r['cpu_per_1000'] * 1000:.1f}" for r in runs)
-              + f" (best {by_cpu[0]['cpu_per_1000'] * 1000:.1f})")
+              + f" (best {by_cpu[0]['cpu_per_1000'] * 1000:.1f}); the reference workload just "
+              "before each: " + ", ".join(f"{r['reference']:.3f} s" for r in runs))
     table.add(sc, "CPU per 1000 orders (user+sys), median run",
               f"{full['cpu_per_1000']:.4f} s = {us:.1f} us/order "
               f"({full['user']:.2f} user + {full['sys']:.2f} sys)",
@@ -509,8 +510,8 @@ How each figure is measured:
 - 0 machine noise: before every cost and peer run, a fixed CPU-bound Python loop
   (3,000,000 iterations) is timed the same way. Its work never changes, so the
   spread of its times is how much the machine's speed moved during the benchmark;
-  read the other CPU figures against it. (Its time just before a run does not
-  predict that run's figure well, so nothing is scaled by it.)
+  read the other CPU figures against it. The cost rows list its time just before
+  each run; nothing is scaled by it (it tracks slow periods, not each run).
 - 1 quota: 400 `PAID` orders (one poll each), rate_limit 20, burst 1, concurrency 16.
   The mock's stats carry no first/last request time, so the achieved rate is
   (rows - 1) / (last - first `observed_at` of the output rows): the fetch rate
