@@ -9,8 +9,9 @@ address is read from the "mock server listening on http://ADDR" line). Each pays
 run gets a fresh mock server, so the server's counters belong to that run alone.
 
 CPU and memory come from the OS: os.wait4() on the measured child gives its own
-rusage (user + sys CPU seconds, ru_maxrss in KiB on Linux). The mock server is a
-different process and is not counted.
+rusage (user + sys CPU seconds, ru_maxrss in KiB on Linux), through a small launcher
+process so that bench.py's own memory does not leak into ru_maxrss (see LAUNCHER).
+The mock server is a different process and is not counted.
 
 Run it through bench/run (which builds the release binary first).
 """
@@ -109,35 +110,71 @@ class Mock:
         self.stop()
 
 
+# The measured child is started by this small launcher, not by bench.py itself. Linux
+# carries the peak RSS of the address space a process exec()s from into its own
+# ru_maxrss: a child forked (or vforked) straight from bench.py would report at least
+# bench.py's own peak (about 35 MiB once it has built the order files), hiding the
+# measured program's real figure. A fresh `python3 -S` launcher is about 7 MiB, so the
+# floor drops below anything measured here. The launcher forks, execs the command,
+# reaps it with os.wait4 and writes its exit status, wall time and own rusage as JSON to
+# the pipe whose fd is its first argument.
+LAUNCHER = """
+import json, os, sys, time
+report = int(sys.argv[1])
+t0 = time.monotonic()
+pid = os.fork()
+if pid == 0:
+    os.close(report)
+    try:
+        os.execvp(sys.argv[2], sys.argv[2:])
+    finally:
+        os._exit(127)
+_, status, ru = os.wait4(pid, 0)
+os.write(report, json.dumps({"status": status, "wall": time.monotonic() - t0,
+    "user": ru.ru_utime, "sys": ru.ru_stime, "maxrss_kib": ru.ru_maxrss}).encode())
+"""
+
+
 def run_measured(argv, cwd, env, timeout, name):
-    """Runs one child to completion and returns its exit code, wall time and its own
-    rusage (os.wait4). A watchdog kills it after `timeout` seconds."""
+    """Runs one child to completion (through LAUNCHER) and returns its exit code, wall
+    time and its own rusage (os.wait4). A watchdog kills it after `timeout` seconds."""
     out = open(cwd / f"{name}.stdout", "wb")
     err = open(cwd / f"{name}.stderr", "wb")
-    t0 = time.monotonic()
-    proc = subprocess.Popen(argv, cwd=cwd, env=env, stdout=out, stderr=err,
-                            stdin=subprocess.DEVNULL)
+    report_r, report_w = os.pipe()
+    proc = subprocess.Popen([sys.executable, "-S", "-c", LAUNCHER, str(report_w),
+                             *map(str, argv)],
+                            cwd=cwd, env=env, stdout=out, stderr=err,
+                            stdin=subprocess.DEVNULL, start_new_session=True,
+                            pass_fds=(report_w,))
+    os.close(report_w)
     timed_out = threading.Event()
 
     def kill():
         timed_out.set()
-        proc.kill()
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # the launcher and the measured child
+        except ProcessLookupError:
+            pass  # both finished just now
 
     watchdog = threading.Timer(timeout, kill)
     watchdog.start()
     try:
-        _, status, ru = os.wait4(proc.pid, 0)
+        with os.fdopen(report_r, "rb") as report:
+            raw = report.read()
+        proc.wait()
     finally:
         watchdog.cancel()
-    wall = time.monotonic() - t0
-    proc.returncode = os.waitstatus_to_exitcode(status)  # already reaped by wait4
     out.close()
     err.close()
     if timed_out.is_set():
         raise RuntimeError(f"{name} did not finish within {timeout}s (killed); see {cwd}")
+    if proc.returncode != 0 or not raw:
+        raise RuntimeError(f"{name}: the launcher failed (exit {proc.returncode}); see {cwd}")
+    ru = json.loads(raw)
     return {
-        "rc": proc.returncode, "wall": wall, "user": ru.ru_utime, "sys": ru.ru_stime,
-        "cpu": ru.ru_utime + ru.ru_stime, "maxrss_kib": ru.ru_maxrss,
+        "rc": os.waitstatus_to_exitcode(ru["status"]), "wall": ru["wall"],
+        "user": ru["user"], "sys": ru["sys"], "cpu": ru["user"] + ru["sys"],
+        "maxrss_kib": ru["maxrss_kib"],
         "stdout": (cwd / f"{name}.stdout").read_text(errors="replace"),
         "stderr_path": cwd / f"{name}.stderr",
     }
@@ -505,7 +542,10 @@ How each figure is measured:
 - Every run is the release binary `paysync run` with a config file, SQLite state and
   JSONL output in a fresh temp directory, against a fresh `paysync mock-server`
   process on 127.0.0.1 (port 0). CPU and peak RSS are the paysync (or peer) child's
-  own rusage from os.wait4 (user + sys; ru_maxrss); the mock server is not counted.
+  own rusage from os.wait4 (user + sys; ru_maxrss), taken by a small launcher
+  process: Linux carries the peak RSS of whatever a program is exec'd from into its
+  ru_maxrss, so a child spawned straight from bench.py would report at least
+  bench.py's own ~35 MiB. The mock server is not counted.
   Wall time is from spawn to exit (startup, ingest, fetch, state, output, fsyncs).
 - 0 machine noise: before every cost and peer run, a fixed CPU-bound Python loop
   (3,000,000 iterations) is timed the same way. Its work never changes, so the
