@@ -59,7 +59,7 @@ fn main() -> ExitCode {
     telemetry::init(cli.log_format, cli.log_level.as_deref());
     // One thread runs every async task; SQLite, file reads and writes run on the
     // blocking pool. Network work per order is small, so one thread carries far more
-    // than any provider's quota (about 16,000 orders/s in the benchmark), and it
+    // than any provider's quota (about 20,000 orders/s in the benchmark), and it
     // avoids the cross-thread wake-ups a work-stealing runtime pays per request
     // (about a quarter of paysync's CPU per order when measured; see README).
     let runtime = match tokio::runtime::Builder::new_current_thread()
