@@ -28,11 +28,14 @@
 //!   (`tracking`, `next_poll_at`, `lease_until`: unused, see Leases), counters (`polls`: poll cycles, for
 //!   backoff; `api_calls`: HTTP attempts, the output `polls` column) and `observed`:
 //!   the (status, tracking) pairs already written as observation rows
-//!   (`"pending/polling paid/settled"`). Indexed by (provider, tracking,
-//!   next_poll_at) for claiming due orders.
+//!   (`"pending/polling paid/settled"`). The partial index `orders_due` on
+//!   (provider, next_poll_at) holds the tracked orders (`tracking = 'polling'`),
+//!   for claiming due orders.
 //! - `observations`: the output rows, append-only, as the JSON of [`Observation`]
-//!   (which holds the full pay detail), numbered by `seq` (AUTOINCREMENT: never
-//!   reused). A row is inserted only when its pair is not yet in the order's
+//!   (which holds the full pay detail) with its `status`, numbered by `seq`. Rows
+//!   are never deleted, so SQLite numbers each new row one above the largest and a
+//!   `seq` is never reused (without AUTOINCREMENT's `sqlite_sequence` write per
+//!   row; a future pruning step must keep the newest row). A row is inserted only when its pair is not yet in the order's
 //!   `observed`, which is updated in the same statement sequence and transaction:
 //!   that is the "never twice per (provider, order_no, status, tracking)" rule. It
 //!   lives in the order's row, which every poll rewrites anyway, rather than in a
@@ -170,9 +173,38 @@ const MIGRATIONS: &[&str] = &[
         offset   INTEGER NOT NULL
     );
     ",
+    // 2: leaner hot paths. `orders_due` holds only tracked orders, keyed by
+    // (provider, next_poll_at): a settled order leaves the index instead of moving
+    // within it. `observations` drops AUTOINCREMENT (rows are never deleted, so
+    // rowids only grow anyway, without a `sqlite_sequence` write per row) and the
+    // columns nothing reads (the row's JSON holds provider, order_no and tracking).
+    "
+    DROP INDEX orders_due;
+    CREATE INDEX orders_due ON orders (provider, next_poll_at) WHERE tracking = 'polling';
+
+    CREATE TABLE observations_v2 (
+        seq    INTEGER PRIMARY KEY,
+        status TEXT NOT NULL,
+        row    TEXT NOT NULL
+    );
+    INSERT INTO observations_v2 (seq, status, row) SELECT seq, status, row FROM observations;
+    DROP TABLE observations;
+    ALTER TABLE observations_v2 RENAME TO observations;
+    ",
 ];
 
 const _: () = assert!(MIGRATIONS.len() as i64 == SCHEMA_VERSION);
+
+/// Due orders of a provider, earliest first (walks `orders_due`).
+const CLAIM_DUE: &str = "SELECT rowid, order_no, payment_no, first_seen_at, polls, status
+     FROM orders
+     WHERE provider = ?1 AND tracking = 'polling' AND next_poll_at <= ?2
+     ORDER BY next_poll_at";
+
+/// Tracked orders of a provider by next poll time (walks `orders_due`).
+const NEXT_DUE: &str = "SELECT rowid, next_poll_at FROM orders
+     WHERE provider = ?1 AND tracking = 'polling' AND next_poll_at IS NOT NULL
+     ORDER BY next_poll_at";
 
 /// The `status` shown by [`StateStore::status_report`] for orders not polled yet.
 const NOT_POLLED: &str = "not_polled";
@@ -565,12 +597,7 @@ impl StateStore for SqliteStore {
         self.read(|tx| {
             // No LIMIT: leased orders are skipped here, and rows are only produced as
             // they are stepped through (the `orders_due` index gives the order).
-            let mut due = tx.prepare_cached(
-                "SELECT rowid, order_no, payment_no, first_seen_at, polls, status
-                 FROM orders
-                 WHERE provider = ?1 AND tracking = 'polling' AND next_poll_at <= ?2
-                 ORDER BY next_poll_at",
-            )?;
+            let mut due = tx.prepare_cached(CLAIM_DUE)?;
             let leases = self.leases();
             let mut rows = due.query(params![provider.as_str(), now])?;
             while let Some(row) = rows.next()? {
@@ -609,11 +636,7 @@ impl StateStore for SqliteStore {
         self.read(|tx| {
             // Not MIN(): leased orders are skipped, so this walks `orders_due` from the
             // front, past leased orders only.
-            let mut stmt = tx.prepare_cached(
-                "SELECT rowid, next_poll_at FROM orders
-                 WHERE provider = ?1 AND tracking = 'polling' AND next_poll_at IS NOT NULL
-                 ORDER BY next_poll_at",
-            )?;
+            let mut stmt = tx.prepare_cached(NEXT_DUE)?;
             let leases = self.leases();
             let mut rows = stmt.query([provider.as_str()])?;
             while let Some(row) = rows.next()? {
@@ -639,10 +662,8 @@ impl StateStore for SqliteStore {
                     observed = COALESCE(?10, observed)
                  WHERE rowid = ?1",
             )?;
-            let mut observe = tx.prepare_cached(
-                "INSERT INTO observations (provider, order_no, status, tracking, row)
-                 VALUES (?1, ?2, ?3, ?4, ?5)",
-            )?;
+            let mut observe =
+                tx.prepare_cached("INSERT INTO observations (status, row) VALUES (?1, ?2)")?;
             for p in polls {
                 let provider = p.provider.as_str();
                 let order_no = p.order_no.as_str();
@@ -708,13 +729,7 @@ impl StateStore for SqliteStore {
                 let obs = observation(p, api_calls, input, from_ms(first_seen_at)?);
                 let row = serde_json::to_string(&obs)
                     .map_err(|e| StateError::Corrupt(format!("observation of {order_no}: {e}")))?;
-                observe.execute(params![
-                    provider,
-                    order_no,
-                    status.as_str(),
-                    p.tracking.as_str(),
-                    row
-                ])?;
+                observe.execute(params![status.as_str(), row])?;
             }
             Ok(())
         })?;
@@ -1044,7 +1059,8 @@ impl StateStore for SqliteStore {
 }
 
 /// The first observation `seq` not in any batch: batches are consecutive `seq`
-/// ranges, and `seq` only grows (AUTOINCREMENT, rows are never deleted).
+/// ranges, and `seq` only grows (rows are never deleted, so SQLite gives each new
+/// row the largest rowid plus one).
 fn next_unstaged_seq(tx: &Transaction<'_>) -> Result<i64, StateError> {
     let last: Option<i64> = tx
         .prepare_cached("SELECT last_seq FROM batches ORDER BY id DESC LIMIT 1")?
@@ -1126,6 +1142,7 @@ fn observation(
 mod tests {
     use super::*;
 
+    use rusqlite::params_from_iter;
     use tempfile::TempDir;
 
     const PP: ProviderKind = ProviderKind::PayProtocol;
@@ -1241,6 +1258,126 @@ mod tests {
                 assert_eq!(supported, SCHEMA_VERSION);
             }
             other => panic!("expected NewerSchema, got {other:?}"),
+        }
+    }
+
+    /// A version-1 state file, as an older build wrote it, is migrated on open: the
+    /// committed and staged observations keep their `seq`, status and JSON, a new
+    /// observation is numbered after the last old one, and tracked orders stay due.
+    #[test]
+    fn version_1_file_is_migrated() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("paysync.db");
+        let v1_row = |order: &str, seq: u32| {
+            let p = poll(order, PayStatus::Pending, Tracking::Polling, at(1));
+            let input = vec![("order_no".to_owned(), "x".to_owned())];
+            serde_json::to_string(&observation(&p, seq, input, at(0))).unwrap()
+        };
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(MIGRATIONS[0]).unwrap();
+            conn.pragma_update(None, "user_version", 1).unwrap();
+            for (order, tracking, next) in [
+                ("A-1", "polling", Some(to_ms(at(10)))),
+                ("A-2", "settled", None),
+            ] {
+                conn.execute(
+                    "INSERT INTO orders (provider, order_no, input, source, line, first_run,
+                                         first_seen_at, status, tracking, polls, api_calls,
+                                         next_poll_at, observed)
+                     VALUES ('payprotocol', ?1, '[[\"order_no\",\"x\"]]', 'in.csv', 2, 'r0',
+                             ?2, 'pending', ?3, 1, 1, ?4, 'pending/polling')",
+                    params![order, to_ms(at(0)), tracking, next],
+                )
+                .unwrap();
+            }
+            for (seq, order) in [(1, "A-1"), (2, "A-2"), (3, "A-2")] {
+                conn.execute(
+                    "INSERT INTO observations (seq, provider, order_no, status, tracking, row)
+                     VALUES (?1, 'payprotocol', ?2, 'pending', 'polling', ?3)",
+                    params![seq, order, v1_row(order, seq)],
+                )
+                .unwrap();
+            }
+            conn.execute(
+                "INSERT INTO batches (name, state, first_seq, last_seq, rows, created_at)
+                 VALUES ('old', 'staged', 1, 3, 3, 0)",
+                [],
+            )
+            .unwrap();
+        }
+
+        let s = SqliteStore::open(&path).unwrap();
+        let version: i64 = s
+            .conn()
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
+        let old = s.open_batches().unwrap();
+        assert_eq!(old.len(), 1);
+        let rows = batch_rows(&s, old[0].id);
+        let seqs: Vec<_> = rows
+            .iter()
+            .map(|o| (o.order_no.as_str(), o.polls))
+            .collect();
+        assert_eq!(seqs, [("A-1", 1), ("A-2", 2), ("A-2", 3)]);
+        s.commit_batch(old[0].id, at(20)).unwrap();
+
+        // Only the tracked order is due, through the new partial index.
+        let due = s
+            .claim_due(PP, at(20), 10, Duration::from_secs(60))
+            .unwrap();
+        let due: Vec<_> = due.iter().map(|d| d.order_no.as_str()).collect();
+        assert_eq!(due, ["A-1"]);
+        s.record_polls(
+            "r1",
+            &[poll("A-1", PayStatus::Paid, Tracking::Settled, at(21))],
+        )
+        .unwrap();
+        let b = s.stage_batch("new", at(22)).unwrap().unwrap();
+        assert_eq!(b.rows, 1);
+        let (first, last): (i64, i64) = s
+            .conn()
+            .query_row(
+                "SELECT first_seq, last_seq FROM batches WHERE id = ?1",
+                [b.id],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .unwrap();
+        assert_eq!((first, last), (4, 4));
+        let rows = batch_rows(&s, b.id);
+        assert_eq!(rows[0].order_no, "A-1");
+        assert_eq!(rows[0].status, PayStatus::Paid);
+        assert_eq!(rows[0].input, [("order_no".to_owned(), "x".to_owned())]);
+        assert_eq!(s.next_due_at(PP).unwrap(), None);
+    }
+
+    /// Claiming walks the partial `orders_due` index in order: no table scan, no
+    /// sort (a plan without it would read every order at every claim).
+    #[test]
+    fn due_queries_walk_the_due_index() {
+        let (_dir, s) = store();
+        for (sql, plan) in [
+            (
+                CLAIM_DUE,
+                "INDEX orders_due (provider=? AND next_poll_at<?)",
+            ),
+            (
+                NEXT_DUE,
+                "COVERING INDEX orders_due (provider=? AND next_poll_at>?)",
+            ),
+        ] {
+            let conn = s.conn();
+            let mut stmt = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
+            let args = ["payprotocol", "0"];
+            let found: Vec<String> = stmt
+                .query_map(params_from_iter(&args[..stmt.parameter_count()]), |r| {
+                    r.get(3)
+                })
+                .unwrap()
+                .collect::<Result<_, _>>()
+                .unwrap();
+            assert_eq!(found, [format!("SEARCH orders USING {plan}")], "{sql}");
         }
     }
 
