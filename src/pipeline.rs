@@ -30,7 +30,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{ConfigError, ProviderSettings, Settings};
 use crate::fetch::{self, Limiter, Stats, Transport};
 use crate::input::{self, InputError, InputSpec, RejectsWriter};
-use crate::model::{OrderNo, PayStatus, Tracking};
+use crate::model::{PayStatus, Tracking};
 use crate::output::layout::{self, BatchKey};
 use crate::output::{self, Encoding, Format, Manifest, ManifestExtra, OutputError};
 use crate::provider::{
@@ -38,8 +38,8 @@ use crate::provider::{
     payprotocol::PayProtocol,
 };
 use crate::state::{
-    Admission, Batch, DueOrder, NewOrder, PollOutcome, PollRecord, SqliteStore, StateError,
-    StateStore,
+    Admission, Batch, DueOrder, NewOrder, OrderKey, PollOutcome, PollRecord, SqliteStore,
+    StateError, StateStore,
 };
 use crate::tracker::{self, Schedule};
 
@@ -493,8 +493,8 @@ impl Engine {
                 if !ready.is_empty() && claimed_at.elapsed() >= LEASE / 2 {
                     // Dispatch stalled (a long throttling pause): hand the page back
                     // before its leases could run out, and claim afresh.
-                    let stale: Vec<OrderNo> = ready.drain(..).map(|d| d.order_no).collect();
-                    self.blocking(move |s| s.release(kind, &stale)).await?;
+                    let stale: Vec<OrderKey> = ready.drain(..).map(|d| d.key).collect();
+                    self.blocking(move |s| s.release(&stale)).await?;
                 }
                 if ready.is_empty() {
                     let now = match wait_until {
@@ -609,11 +609,11 @@ impl Engine {
         }
         .await;
         // Orders claimed but never started stay due: give their leases back.
-        let unstarted: Vec<OrderNo> = ready.drain(..).map(|d| d.order_no).collect();
+        let unstarted: Vec<OrderKey> = ready.drain(..).map(|d| d.key).collect();
         let released = if unstarted.is_empty() {
             Ok(())
         } else {
-            self.blocking(move |s| s.release(kind, &unstarted)).await
+            self.blocking(move |s| s.release(&unstarted)).await
         };
         // Let in-flight polls finish (bounded), then flush the recorder.
         let drain = async { while tasks.join_next().await.is_some() {} };
@@ -633,6 +633,7 @@ impl Engine {
     /// an authentication failure (the run stops).
     async fn poll_one(&self, due: DueOrder) -> Result<PollRecord, String> {
         let DueOrder {
+            key,
             order_no,
             payment_no,
             first_seen_at,
@@ -678,6 +679,7 @@ impl Engine {
             tracing::info!(order = %order.order_no, status = %outcome.status(), "deadline passed unsettled; tracking stops");
         }
         Ok(PollRecord {
+            key,
             provider: self.kind,
             order_no: order.order_no,
             observed_at: now,
@@ -1163,6 +1165,7 @@ mod tests {
 
     fn record(n: u32) -> PollRecord {
         PollRecord {
+            key: crate::state::OrderKey(i64::from(n)),
             provider: ProviderKind::PayProtocol,
             order_no: crate::model::OrderNo::parse(&format!("R-{n}")).unwrap(),
             observed_at: DateTime::from_timestamp(1_700_000_000, 0).unwrap(),

@@ -79,9 +79,17 @@ pub enum Admission {
     Known,
 }
 
+/// The store's handle of a registered order (the SQLite store's row id), handed out
+/// by [`StateStore::claim_due`] and given back to
+/// [`record_polls`](StateStore::record_polls) and [`release`](StateStore::release),
+/// so those find the order without looking up its number again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct OrderKey(pub i64);
+
 /// An order leased for one poll.
 #[derive(Debug, Clone)]
 pub struct DueOrder {
+    pub key: OrderKey,
     pub order_no: OrderNo,
     pub payment_no: Option<String>,
     pub first_seen_at: DateTime<Utc>,
@@ -94,6 +102,8 @@ pub struct DueOrder {
 /// The outcome of one poll of one order, with the tracker's decision.
 #[derive(Debug, Clone)]
 pub struct PollRecord {
+    /// The order's [`DueOrder::key`]; its provider and number must match.
+    pub key: OrderKey,
     pub provider: ProviderKind,
     pub order_no: OrderNo,
     pub observed_at: DateTime<Utc>,
@@ -221,11 +231,12 @@ pub trait StateStore: Send + Sync {
 
     /// Records polls made in `run_id`: updates each order (status, counts, schedule,
     /// lease released) and stages an observation row for each whose
-    /// (status, tracking) pair was never recorded for that order before.
+    /// (status, tracking) pair was never recorded for that order before. A record
+    /// whose key names no order, or another order, fails the whole call.
     fn record_polls(&self, run_id: &str, polls: &[PollRecord]) -> Result<(), StateError>;
 
     /// Releases leases of orders that were claimed but not polled (shutdown).
-    fn release(&self, provider: ProviderKind, orders: &[OrderNo]) -> Result<(), StateError>;
+    fn release(&self, orders: &[OrderKey]) -> Result<(), StateError>;
 
     /// Puts every unexported observation row into a new batch named `name`.
     /// `None` when there is nothing to export.

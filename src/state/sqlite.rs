@@ -76,8 +76,8 @@ use rusqlite::{
 };
 
 use super::{
-    Admission, Batch, DueOrder, NewOrder, OldestUnsettled, PollOutcome, PollRecord, QueuePosition,
-    RunRecord, SCHEMA_VERSION, StateError, StateStore, StatusCount, StatusReport,
+    Admission, Batch, DueOrder, NewOrder, OldestUnsettled, OrderKey, PollOutcome, PollRecord,
+    QueuePosition, RunRecord, SCHEMA_VERSION, StateError, StateStore, StatusCount, StatusReport,
 };
 use crate::model::{Observation, OrderNo, PayDetail, PayStatus, Tracking};
 use crate::provider::ProviderKind;
@@ -614,6 +614,7 @@ impl StateStore for SqliteStore {
                     v => Some(parse_status(text(v, "status")?)?),
                 };
                 out.push(DueOrder {
+                    key: OrderKey(rowid),
                     order_no,
                     payment_no: row.get(2)?,
                     first_seen_at: from_ms(row.get(3)?)?,
@@ -652,8 +653,8 @@ impl StateStore for SqliteStore {
         let mut recorded = Vec::with_capacity(polls.len());
         self.write(|tx| {
             let mut load = tx.prepare_cached(
-                "SELECT rowid, api_calls, observed, input, first_seen_at
-                 FROM orders WHERE provider = ?1 AND order_no = ?2",
+                "SELECT provider, order_no, api_calls, observed, input, first_seen_at
+                 FROM orders WHERE rowid = ?1",
             )?;
             let mut update = tx.prepare_cached(
                 "UPDATE orders SET status = ?2, provider_status = ?3, last_error = ?4,
@@ -671,28 +672,33 @@ impl StateStore for SqliteStore {
 
                 // `fresh`: the order's input and first-seen time, when this poll
                 // observes a (status, tracking) pair for the first time.
-                let (rowid, api_calls, fresh) = {
-                    let mut rows = load.query(params![provider, order_no])?;
-                    let row = rows.next()?.ok_or_else(|| {
+                let rowid = p.key.0;
+                let (api_calls, fresh) = {
+                    let mut rows = load.query([rowid])?;
+                    let row = rows.next()?.filter(|row| {
+                        row.get_ref(0).is_ok_and(|v| v.as_str() == Ok(provider))
+                            && row.get_ref(1).is_ok_and(|v| v.as_str() == Ok(order_no))
+                    });
+                    let row = row.ok_or_else(|| {
                         StateError::Corrupt(format!(
-                            "poll recorded for order {provider}/{order_no}, which is not registered"
+                            "poll recorded for order {provider}/{order_no}, which is not registered under key {rowid}"
                         ))
                     })?;
-                    let calls = parse_u32("api_calls", row.get(1)?)?.saturating_add(p.attempts);
-                    let observed = text(row.get_ref(2)?, "observed pairs")?;
+                    let calls = parse_u32("api_calls", row.get(2)?)?.saturating_add(p.attempts);
+                    let observed = text(row.get_ref(3)?, "observed pairs")?;
                     let fresh = if has_observed(observed, status, p.tracking) {
                         None
                     } else {
-                        let input = text(row.get_ref(3)?, "input columns")?.to_owned();
+                        let input = text(row.get_ref(4)?, "input columns")?.to_owned();
                         let pair = observed_pair(status, p.tracking);
                         let observed = if observed.is_empty() {
                             pair
                         } else {
                             format!("{observed} {pair}")
                         };
-                        Some((input, row.get::<_, i64>(4)?, observed))
+                        Some((input, row.get::<_, i64>(5)?, observed))
                     };
-                    (row.get::<_, i64>(0)?, calls, fresh)
+                    (calls, fresh)
                 };
 
                 recorded.push(rowid);
@@ -741,26 +747,10 @@ impl StateStore for SqliteStore {
         Ok(())
     }
 
-    fn release(&self, provider: ProviderKind, orders: &[OrderNo]) -> Result<(), StateError> {
-        let rowids = self.read(|tx| {
-            let mut find = tx
-                .prepare_cached("SELECT rowid FROM orders WHERE provider = ?1 AND order_no = ?2")?;
-            let mut out = Vec::with_capacity(orders.len());
-            for o in orders {
-                if let Some(rowid) = find
-                    .query_row(params![provider.as_str(), o.as_str()], |r| {
-                        r.get::<_, i64>(0)
-                    })
-                    .optional()?
-                {
-                    out.push(rowid);
-                }
-            }
-            Ok(out)
-        })?;
+    fn release(&self, orders: &[OrderKey]) -> Result<(), StateError> {
         let mut leases = self.leases();
-        for rowid in rowids {
-            leases.remove(&rowid);
+        for key in orders {
+            leases.remove(&key.0);
         }
         Ok(())
     }
@@ -1187,8 +1177,33 @@ mod tests {
         store.add_orders(run, &orders, now, None).unwrap()
     }
 
-    /// A successful poll of `order_no` that found `status`.
+    /// The key of a registered order (a key no order has for an unknown one).
+    fn key(s: &SqliteStore, order_no: &str) -> OrderKey {
+        let rowid = s
+            .conn()
+            .query_row(
+                "SELECT rowid FROM orders WHERE provider = ?1 AND order_no = ?2",
+                params![PP.as_str(), order_no],
+                |r| r.get(0),
+            )
+            .optional()
+            .unwrap();
+        OrderKey(rowid.unwrap_or(-1))
+    }
+
+    /// A successful poll of the registered `order_no` that found `status`.
     fn poll(
+        s: &SqliteStore,
+        order_no: &str,
+        status: PayStatus,
+        tracking: Tracking,
+        observed: DateTime<Utc>,
+    ) -> PollRecord {
+        poll_keyed(key(s, order_no), order_no, status, tracking, observed)
+    }
+
+    fn poll_keyed(
+        key: OrderKey,
         order_no: &str,
         status: PayStatus,
         tracking: Tracking,
@@ -1199,6 +1214,7 @@ mod tests {
         d.currency = Some("USDT".into());
         d.payment_no = Some("P-1".into());
         PollRecord {
+            key,
             provider: PP,
             order_no: no(order_no),
             observed_at: observed,
@@ -1269,7 +1285,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("paysync.db");
         let v1_row = |order: &str, seq: u32| {
-            let p = poll(order, PayStatus::Pending, Tracking::Polling, at(1));
+            let p = poll_keyed(
+                OrderKey(0),
+                order,
+                PayStatus::Pending,
+                Tracking::Polling,
+                at(1),
+            );
             let input = vec![("order_no".to_owned(), "x".to_owned())];
             serde_json::to_string(&observation(&p, seq, input, at(0))).unwrap()
         };
@@ -1331,7 +1353,7 @@ mod tests {
         assert_eq!(due, ["A-1"]);
         s.record_polls(
             "r1",
-            &[poll("A-1", PayStatus::Paid, Tracking::Settled, at(21))],
+            &[poll(&s, "A-1", PayStatus::Paid, Tracking::Settled, at(21))],
         )
         .unwrap();
         let b = s.stage_batch("new", at(22)).unwrap().unwrap();
@@ -1519,10 +1541,16 @@ mod tests {
         assert_eq!(s.next_due_at(PP).unwrap(), None);
 
         // Released: claimable again. Recorded: due at its next poll time.
-        s.release(PP, &[no("late")]).unwrap();
+        s.release(&[key(&s, "late")]).unwrap();
         s.record_polls(
             "r1",
-            &[poll("early", PayStatus::Pending, Tracking::Polling, at(30))],
+            &[poll(
+                &s,
+                "early",
+                PayStatus::Pending,
+                Tracking::Polling,
+                at(30),
+            )],
         )
         .unwrap();
         assert_eq!(s.next_due_at(PP).unwrap(), Some(at(10)));
@@ -1571,11 +1599,16 @@ mod tests {
         assert!(s.claim_due(PP, at(100), 0, lease).unwrap().is_empty());
 
         // The middle page is released unpolled; the others are recorded.
-        s.release(PP, &[no("O3"), no("O4"), no("O5"), no("never-added")])
-            .unwrap();
+        s.release(&[
+            key(&s, "O3"),
+            key(&s, "O4"),
+            key(&s, "O5"),
+            key(&s, "never-added"),
+        ])
+        .unwrap();
         let done: Vec<_> = ["O0", "O1", "O2", "O6"]
             .iter()
-            .map(|n| poll(n, PayStatus::Paid, Tracking::Settled, at(101)))
+            .map(|n| poll(&s, n, PayStatus::Paid, Tracking::Settled, at(101)))
             .collect();
         s.record_polls("r1", &done).unwrap();
         assert_eq!(s.next_due_at(PP).unwrap(), Some(at(3)));
@@ -1621,25 +1654,37 @@ mod tests {
         add(&s, "r1", &["A"], at(0));
         s.record_polls(
             "r1",
-            &[poll("A", PayStatus::Pending, Tracking::Polling, at(1))],
+            &[poll(&s, "A", PayStatus::Pending, Tracking::Polling, at(1))],
         )
         .unwrap();
-        let mut second = poll("A", PayStatus::Pending, Tracking::Polling, at(61));
+        let mut second = poll(&s, "A", PayStatus::Pending, Tracking::Polling, at(61));
         second.attempts = 3;
         s.record_polls("r1", &[second]).unwrap();
         s.record_polls(
             "r1",
-            &[poll("A", PayStatus::Confirming, Tracking::Polling, at(91))],
+            &[poll(
+                &s,
+                "A",
+                PayStatus::Confirming,
+                Tracking::Polling,
+                at(91),
+            )],
         )
         .unwrap();
         s.record_polls(
             "r1",
-            &[poll("A", PayStatus::Pending, Tracking::Polling, at(101))],
+            &[poll(
+                &s,
+                "A",
+                PayStatus::Pending,
+                Tracking::Polling,
+                at(101),
+            )],
         )
         .unwrap();
         s.record_polls(
             "r2",
-            &[poll("A", PayStatus::Paid, Tracking::Settled, at(121))],
+            &[poll(&s, "A", PayStatus::Paid, Tracking::Settled, at(121))],
         )
         .unwrap();
         // A settled order is no longer tracked nor due.
@@ -1681,7 +1726,7 @@ mod tests {
         // The same pair in a later run (say, a re-poll) writes nothing new.
         s.record_polls(
             "r3",
-            &[poll("A", PayStatus::Paid, Tracking::Settled, at(300))],
+            &[poll(&s, "A", PayStatus::Paid, Tracking::Settled, at(300))],
         )
         .unwrap();
         assert_eq!(s.stage_batch("b2", at(301)).unwrap(), None);
@@ -1699,6 +1744,7 @@ mod tests {
         let (_dir, s) = store();
         add(&s, "r1", &["A"], at(0));
         let failed = PollRecord {
+            key: key(&s, "A"),
             provider: PP,
             order_no: no("A"),
             observed_at: at(1),
@@ -1714,7 +1760,13 @@ mod tests {
         assert_eq!(s.tracked_count(PP).unwrap(), 1);
         s.record_polls(
             "r1",
-            &[poll("A", PayStatus::Pending, Tracking::Deadline, at(62))],
+            &[poll(
+                &s,
+                "A",
+                PayStatus::Pending,
+                Tracking::Deadline,
+                at(62),
+            )],
         )
         .unwrap();
         assert_eq!(s.tracked_count(PP).unwrap(), 0);
@@ -1732,24 +1784,21 @@ mod tests {
         assert_eq!(rows[1].polls, 7);
     }
 
-    /// Recording a poll for an order that was never registered fails the whole call
-    /// and changes nothing.
+    /// Recording a poll for an order that was never registered, or under another
+    /// order's key, fails the whole call and changes nothing.
     #[test]
     fn record_polls_for_unknown_order_fails_atomically() {
         let (_dir, s) = store();
-        add(&s, "r1", &["A"], at(0));
-        let err = s
-            .record_polls(
-                "r1",
-                &[
-                    poll("A", PayStatus::Paid, Tracking::Settled, at(1)),
-                    poll("ghost", PayStatus::Paid, Tracking::Settled, at(1)),
-                ],
-            )
-            .unwrap_err();
-        assert!(matches!(err, StateError::Corrupt(_)), "{err:?}");
-        assert_eq!(s.tracked_count(PP).unwrap(), 1);
-        assert_eq!(s.stage_batch("b", at(2)).unwrap(), None);
+        add(&s, "r1", &["A", "B"], at(0));
+        let a = poll(&s, "A", PayStatus::Paid, Tracking::Settled, at(1));
+        let ghost = poll(&s, "ghost", PayStatus::Paid, Tracking::Settled, at(1));
+        let b_under_a = poll_keyed(a.key, "B", PayStatus::Paid, Tracking::Settled, at(1));
+        for bad in [ghost, b_under_a] {
+            let err = s.record_polls("r1", &[a.clone(), bad]).unwrap_err();
+            assert!(matches!(err, StateError::Corrupt(_)), "{err:?}");
+            assert_eq!(s.tracked_count(PP).unwrap(), 2);
+            assert_eq!(s.stage_batch("b", at(2)).unwrap(), None);
+        }
     }
 
     /// Export batches: staging takes every unexported row; a staged batch stays open
@@ -1762,7 +1811,7 @@ mod tests {
         add(&s, "r1", &["A", "B", "C"], at(0));
         let polls: Vec<_> = ["A", "B", "C"]
             .iter()
-            .map(|n| poll(n, PayStatus::Pending, Tracking::Polling, at(1)))
+            .map(|n| poll(&s, n, PayStatus::Pending, Tracking::Polling, at(1)))
             .collect();
         s.record_polls("r1", &polls).unwrap();
 
@@ -1798,7 +1847,7 @@ mod tests {
         // New rows while b1 is open go to the next batch, not to b1.
         s.record_polls(
             "r2",
-            &[poll("B", PayStatus::Paid, Tracking::Settled, at(3))],
+            &[poll(&s, "B", PayStatus::Paid, Tracking::Settled, at(3))],
         )
         .unwrap();
         assert_eq!(s.status_report(0).unwrap().unexported_rows, 4);
@@ -1832,7 +1881,7 @@ mod tests {
         add(&s, "r1", &["A", "B"], at(0));
         s.record_polls(
             "r1",
-            &[poll("A", PayStatus::Pending, Tracking::Polling, at(1))],
+            &[poll(&s, "A", PayStatus::Pending, Tracking::Polling, at(1))],
         )
         .unwrap();
         let b = s.stage_batch("b", at(2)).unwrap().unwrap();
@@ -1841,7 +1890,7 @@ mod tests {
             add(&s, "r1", &["C"], at(3));
             s.record_polls(
                 "r1",
-                &[poll("B", PayStatus::Paid, Tracking::Settled, at(3))],
+                &[poll(&s, "B", PayStatus::Paid, Tracking::Settled, at(3))],
             )?;
             seen.push(o.order_no);
             Ok(())
@@ -1861,8 +1910,8 @@ mod tests {
         s.record_polls(
             "r1",
             &[
-                poll("A", PayStatus::Paid, Tracking::Settled, at(1)),
-                poll("B", PayStatus::Paid, Tracking::Settled, at(1)),
+                poll(&s, "A", PayStatus::Paid, Tracking::Settled, at(1)),
+                poll(&s, "B", PayStatus::Paid, Tracking::Settled, at(1)),
             ],
         )
         .unwrap();
@@ -1890,9 +1939,9 @@ mod tests {
         s.record_polls(
             "r1",
             &[
-                poll("A", PayStatus::Paid, Tracking::Settled, at(11)),
-                poll("B", PayStatus::Paid, Tracking::Settled, at(11)),
-                poll("C", PayStatus::Pending, Tracking::Polling, at(11)),
+                poll(&s, "A", PayStatus::Paid, Tracking::Settled, at(11)),
+                poll(&s, "B", PayStatus::Paid, Tracking::Settled, at(11)),
+                poll(&s, "C", PayStatus::Pending, Tracking::Polling, at(11)),
             ],
         )
         .unwrap();
@@ -2010,7 +2059,7 @@ mod tests {
                 }
                 let polls: Vec<_> = due
                     .iter()
-                    .map(|d| poll(d.order_no.as_str(), status, tracking, now))
+                    .map(|d| poll(&s, d.order_no.as_str(), status, tracking, now))
                     .collect();
                 timed(&mut record, || s.record_polls("bench", &polls)).unwrap();
             }
