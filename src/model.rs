@@ -458,6 +458,16 @@ mod rfc3339_req {
     }
 }
 
+/// Input columns serialized as the JSON object an [`Observation`]'s `input` is
+/// written as (keys in column order).
+pub struct InputObject<'a>(pub &'a [(String, String)]);
+
+impl Serialize for InputObject<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        input_object::serialize(self.0, s)
+    }
+}
+
 /// `input` as a JSON object whose keys keep the input's column order.
 mod input_object {
     use serde::de::{MapAccess, Visitor};

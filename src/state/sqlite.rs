@@ -21,8 +21,8 @@
 //! `VACUUM`, and the lock keeps other paysync processes out.
 //!
 //! # Schema (version [`super::SCHEMA_VERSION`], in `PRAGMA user_version`)
-//! - `orders`: one row per (provider, order_no): the input row (`input`, JSON array of
-//!   `[name, value]` pairs in input order), where it was first read (`source`,
+//! - `orders`: one row per (provider, order_no): the input row (`input`, the JSON
+//!   object an observation's `input` is written as, keys in input order), where it was first read (`source`,
 //!   `line`, `first_run`, `first_seen_at`), the last poll (`status`,
 //!   `provider_status`, `last_error`, `last_run`, `last_observed_at`), the schedule
 //!   (`tracking`, `next_poll_at`, `lease_until`: unused, see Leases), counters (`polls`: poll cycles, for
@@ -79,7 +79,7 @@ use super::{
     Admission, Batch, DueOrder, NewOrder, OldestUnsettled, OrderKey, PollOutcome, PollRecord,
     QueuePosition, RunRecord, SCHEMA_VERSION, StateError, StateStore, StatusCount, StatusReport,
 };
-use crate::model::{Observation, OrderNo, PayDetail, PayStatus, Tracking};
+use crate::model::{InputObject, Observation, OrderNo, PayDetail, PayStatus, Tracking};
 use crate::provider::ProviderKind;
 
 /// How long a statement waits for a SQLite lock held by another connection (only
@@ -178,6 +178,8 @@ const MIGRATIONS: &[&str] = &[
     // within it. `observations` drops AUTOINCREMENT (rows are never deleted, so
     // rowids only grow anyway, without a `sqlite_sequence` write per row) and the
     // columns nothing reads (the row's JSON holds provider, order_no and tracking).
+    // `orders.input` becomes the JSON object (from an array of [name, value]
+    // pairs), which observation rows take as it is.
     "
     DROP INDEX orders_due;
     CREATE INDEX orders_due ON orders (provider, next_poll_at) WHERE tracking = 'polling';
@@ -190,6 +192,11 @@ const MIGRATIONS: &[&str] = &[
     INSERT INTO observations_v2 (seq, status, row) SELECT seq, status, row FROM observations;
     DROP TABLE observations;
     ALTER TABLE observations_v2 RENAME TO observations;
+
+    UPDATE orders SET input = (
+        SELECT json_group_object(value ->> 0, value ->> 1 ORDER BY key)
+        FROM json_each(orders.input)
+    );
     ",
 ];
 
@@ -542,7 +549,7 @@ impl StateStore for SqliteStore {
             )?;
             let mut out = Vec::with_capacity(orders.len());
             for o in orders {
-                let input = serde_json::to_string(&o.input)
+                let input = serde_json::to_string(&InputObject(&o.input))
                     .map_err(|e| StateError::Corrupt(format!("input columns: {e}")))?;
                 let inserted = insert.execute(params![
                     o.provider.as_str(),
@@ -729,11 +736,8 @@ impl StateStore for SqliteStore {
                 let Some((input, first_seen_at, _)) = fresh else {
                     continue;
                 };
-                let input = serde_json::from_str(&input).map_err(|e| {
-                    StateError::Corrupt(format!("input columns of {order_no}: {e}"))
-                })?;
-                let obs = observation(p, api_calls, input, from_ms(first_seen_at)?);
-                let row = serde_json::to_string(&obs)
+                let obs = observation(p, api_calls, from_ms(first_seen_at)?);
+                let row = observation_row(&obs, &input)
                     .map_err(|e| StateError::Corrupt(format!("observation of {order_no}: {e}")))?;
                 observe.execute(params![status.as_str(), row])?;
             }
@@ -1087,13 +1091,9 @@ fn has_observed(observed: &str, status: PayStatus, tracking: Tracking) -> bool {
         .any(|seen| seen.split_once('/') == Some(pair))
 }
 
-/// The output row for poll `p` of an order with `api_calls` calls so far.
-fn observation(
-    p: &PollRecord,
-    api_calls: u32,
-    input: Vec<(String, String)>,
-    first_seen_at: DateTime<Utc>,
-) -> Observation {
+/// The output row for poll `p` of an order with `api_calls` calls so far, without
+/// its input columns (see [`observation_row`]).
+fn observation(p: &PollRecord, api_calls: u32, first_seen_at: DateTime<Utc>) -> Observation {
     let status = p.outcome.status();
     let (d, error) = match &p.outcome {
         PollOutcome::Detail(d) => (d.clone(), None),
@@ -1124,8 +1124,37 @@ fn observation(
         first_seen_at,
         polls: api_calls,
         error,
-        input,
+        input: Vec::new(),
     }
+}
+
+/// How serde_json ends an [`Observation`] with no input columns: `input` is its
+/// last field.
+const EMPTY_INPUT_TAIL: &str = r#","input":{}}"#;
+
+/// Observation rows are about this long (JSON bytes before the input columns).
+const ROW_CAPACITY: usize = 1024;
+
+/// The stored text of `obs` (whose `input` is empty) with the order's stored input
+/// object (`input`, as [`InputObject`] wrote it) spliced in as `input`: the JSONL
+/// encoding of the full observation, without parsing and re-encoding the input
+/// for every row.
+fn observation_row(obs: &Observation, input: &str) -> Result<String, String> {
+    if !(input.starts_with('{') && input.ends_with('}')) {
+        return Err(format!(
+            "stored input columns are not a JSON object: {input}"
+        ));
+    }
+    let mut row = Vec::with_capacity(ROW_CAPACITY + input.len());
+    serde_json::to_writer(&mut row, obs).map_err(|e| e.to_string())?;
+    if !row.ends_with(EMPTY_INPUT_TAIL.as_bytes()) {
+        return Err("observation JSON does not end with its input".into());
+    }
+    // Keep `,"input":` and replace `{}}`.
+    row.truncate(row.len() - "{}}".len());
+    row.extend_from_slice(input.as_bytes());
+    row.push(b'}');
+    String::from_utf8(row).map_err(|e| e.to_string())
 }
 
 #[cfg(test)]
@@ -1277,6 +1306,9 @@ mod tests {
         }
     }
 
+    /// `orders.input` as version 1 wrote it: an array of [name, value] pairs.
+    const V1_INPUT: &str = r#"[["z","1"],["a","say \"hi\"\\ \u0001\n€"],["",""]]"#;
+
     /// A version-1 state file, as an older build wrote it, is migrated on open: the
     /// committed and staged observations keep their `seq`, status and JSON, a new
     /// observation is numbered after the last old one, and tracked orders stay due.
@@ -1292,8 +1324,9 @@ mod tests {
                 Tracking::Polling,
                 at(1),
             );
-            let input = vec![("order_no".to_owned(), "x".to_owned())];
-            serde_json::to_string(&observation(&p, seq, input, at(0))).unwrap()
+            let mut o = observation(&p, seq, at(0));
+            o.input = vec![("order_no".to_owned(), "x".to_owned())];
+            serde_json::to_string(&o).unwrap()
         };
         {
             let conn = Connection::open(&path).unwrap();
@@ -1307,9 +1340,9 @@ mod tests {
                     "INSERT INTO orders (provider, order_no, input, source, line, first_run,
                                          first_seen_at, status, tracking, polls, api_calls,
                                          next_poll_at, observed)
-                     VALUES ('payprotocol', ?1, '[[\"order_no\",\"x\"]]', 'in.csv', 2, 'r0',
+                     VALUES ('payprotocol', ?1, ?5, 'in.csv', 2, 'r0',
                              ?2, 'pending', ?3, 1, 1, ?4, 'pending/polling')",
-                    params![order, to_ms(at(0)), tracking, next],
+                    params![order, to_ms(at(0)), tracking, next, V1_INPUT],
                 )
                 .unwrap();
             }
@@ -1370,8 +1403,47 @@ mod tests {
         let rows = batch_rows(&s, b.id);
         assert_eq!(rows[0].order_no, "A-1");
         assert_eq!(rows[0].status, PayStatus::Paid);
-        assert_eq!(rows[0].input, [("order_no".to_owned(), "x".to_owned())]);
+        // The input columns, converted from pairs to an object, keep their order
+        // and their text.
+        let input: Vec<(&str, &str)> = rows[0]
+            .input
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        assert_eq!(
+            input,
+            [("z", "1"), ("a", "say \"hi\"\\ \u{1}\n€"), ("", "")]
+        );
         assert_eq!(s.next_due_at(PP).unwrap(), None);
+    }
+
+    /// An observation row with its input spliced in is exactly serde_json's
+    /// encoding of the whole observation, whatever the input holds; input text
+    /// that is not an object is refused.
+    #[test]
+    fn observation_rows_splice_the_input_object() {
+        let p = poll_keyed(OrderKey(1), "A", PayStatus::Paid, Tracking::Settled, at(1));
+        for input in [
+            vec![],
+            vec![("order_no".to_owned(), "A".to_owned())],
+            vec![
+                ("z".to_owned(), "say \"hi\"\\ \u{1}\n€".to_owned()),
+                ("input".to_owned(), "{}}".to_owned()),
+                (String::new(), String::new()),
+            ],
+        ] {
+            let stored = serde_json::to_string(&InputObject(&input)).unwrap();
+            let row = observation_row(&observation(&p, 1, at(0)), &stored).unwrap();
+            let mut full = observation(&p, 1, at(0));
+            full.input = input;
+            assert_eq!(row, serde_json::to_string(&full).unwrap());
+        }
+        for bad in ["", "[]", r#"["a","b"]"#, "{", "null"] {
+            assert!(
+                observation_row(&observation(&p, 1, at(0)), bad).is_err(),
+                "{bad}"
+            );
+        }
     }
 
     /// Claiming walks the partial `orders_due` index in order: no table scan, no
