@@ -22,24 +22,25 @@
 //!
 //! # Schema (version [`super::SCHEMA_VERSION`], in `PRAGMA user_version`)
 //! - `orders`: one row per (provider, order_no): the input row (`input`, the JSON
-//!   object an observation's `input` is written as, keys in input order), where it was first read (`source`,
-//!   `line`, `first_run`, `first_seen_at`), the last poll (`status`,
-//!   `provider_status`, `last_error`, `last_run`, `last_observed_at`), the schedule
-//!   (`tracking`, `next_poll_at`, `lease_until`: unused, see Leases), counters (`polls`: poll cycles, for
-//!   backoff; `api_calls`: HTTP attempts, the output `polls` column) and `observed`:
-//!   the (status, tracking) pairs already written as observation rows
-//!   (`"pending/polling paid/settled"`). The partial index `orders_due` on
-//!   (provider, next_poll_at) holds the tracked orders (`tracking = 'polling'`),
-//!   for claiming due orders.
+//!   object an observation's `input` is written as, keys in input order), where it
+//!   was first read (`source`, `line`, `first_run`, `first_seen_at`), the last poll
+//!   (`status`, `provider_status`, `last_error`, `last_run`, `last_observed_at`),
+//!   the schedule (`tracking`, `next_poll_at`, `lease_until`: unused, see Leases),
+//!   counters (`polls`: poll cycles, for backoff; `api_calls`: HTTP attempts, the
+//!   output `polls` column) and `observed`: the (status, tracking) pairs already
+//!   written as observation rows (`"pending/polling paid/settled"`). The partial
+//!   index `orders_due` on (provider, next_poll_at) holds the tracked orders
+//!   (`tracking = 'polling'`), for claiming due orders.
 //! - `observations`: the output rows, append-only, as the JSON of [`Observation`]
 //!   (which holds the full pay detail) with its `status`, numbered by `seq`. Rows
 //!   are never deleted, so SQLite numbers each new row one above the largest and a
 //!   `seq` is never reused (without AUTOINCREMENT's `sqlite_sequence` write per
-//!   row; a future pruning step must keep the newest row). A row is inserted only when its pair is not yet in the order's
-//!   `observed`, which is updated in the same statement sequence and transaction:
-//!   that is the "never twice per (provider, order_no, status, tracking)" rule. It
-//!   lives in the order's row, which every poll rewrites anyway, rather than in a
-//!   UNIQUE index whose random inserts would cost a page write per row.
+//!   row; a future pruning step must keep the newest row). A row is inserted only
+//!   when its pair is not yet in the order's `observed`, which is updated in the
+//!   same statement sequence and transaction: that is the "never twice per
+//!   (provider, order_no, status, tracking)" rule. It lives in the order's row,
+//!   which every poll rewrites anyway, rather than in a UNIQUE index whose random
+//!   inserts would cost a page write per row.
 //! - `batches`: one per output file, covering the consecutive range
 //!   `first_seq..=last_seq` of observations (the rows after the previous batch):
 //!   `staged` until its file and manifest are durable, then `committed`. Staging
