@@ -365,11 +365,12 @@ fn classify_envelope<T: serde::de::DeserializeOwned>(
             )));
         }
     }
-    let env: Envelope<T> =
-        serde_json::from_slice(&raw.body).map_err(|e| FetchError::Malformed {
-            status,
-            detail: e.to_string(),
-        })?;
+    // UTF-8 is checked once for the whole body, so the parser need not check each
+    // string it reads.
+    let malformed = |detail: String| FetchError::Malformed { status, detail };
+    let body = std::str::from_utf8(&raw.body)
+        .map_err(|e| malformed(format!("the body is not UTF-8: {e}")))?;
+    let env: Envelope<T> = serde_json::from_str(body).map_err(|e| malformed(e.to_string()))?;
     let msg = || {
         let mut m = env.msg.clone().unwrap_or_default();
         if let Some(d) = env.description.as_deref().filter(|d| !d.is_empty()) {
@@ -624,6 +625,16 @@ mod tests {
         assert!(matches!(
             c(200, "<html></html>"),
             Err(FetchError::Malformed { .. })
+        ));
+        // A body that is not UTF-8 (here inside a string value) is malformed too.
+        let latin1 = RawResponse {
+            status: 200,
+            retry_after: None,
+            body: Bytes::from_static(b"{\"code\":200,\"data\":{\"outTradeNo\":\"caf\xe9\"}}"),
+        };
+        assert!(matches!(
+            classify_detail(&latin1, &table(), cst()),
+            Err(FetchError::Malformed { status: 200, detail }) if detail.contains("not UTF-8")
         ));
         assert!(
             matches!(c(200, r#"{"code":40001,"msg":"bad order"}"#), Err(FetchError::Rejected(m)) if m.contains("40001"))
