@@ -2132,7 +2132,7 @@ mod tests {
                 }
                 let polls: Vec<_> = due
                     .iter()
-                    .map(|d| poll(&s, d.order_no.as_str(), status, tracking, now))
+                    .map(|d| poll_keyed(d.key, d.order_no.as_str(), status, tracking, now))
                     .collect();
                 timed(&mut record, || s.record_polls("bench", &polls)).unwrap();
             }
