@@ -24,34 +24,43 @@ const EXIT_USAGE: u8 = 2;
 /// The signal that asked us to stop: its exit code (130 SIGINT, 143 SIGTERM), 0 if none.
 static SIGNALLED: AtomicU8 = AtomicU8::new(0);
 
-/// Resolves on the first SIGINT or SIGTERM; a second one exits at once (state is
-/// safe: every state write is a transaction, output files are renamed into place).
-async fn shutdown_signal() {
+/// Installs the SIGINT and SIGTERM handlers now, and returns a future that resolves
+/// on the first of them; a second one exits at once (state is safe: every state
+/// write is a transaction, output files are renamed into place). The handlers are
+/// installed when this is called, not when the future is first polled: a command
+/// may start work (the daemon's first ingest and polls) before it waits on the
+/// future, and a signal in that window must not kill the process unhandled.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> + Send + 'static {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut int), Ok(mut term)) = (
+    let stop = tokio_util::sync::CancellationToken::new();
+    match (
         signal(SignalKind::interrupt()),
         signal(SignalKind::terminate()),
-    ) else {
-        tracing::warn!("cannot install signal handlers; stop with SIGKILL");
-        return std::future::pending().await;
-    };
-    let code = tokio::select! {
-        _ = int.recv() => 130,
-        _ = term.recv() => 143,
-    };
-    SIGNALLED.store(code, Ordering::SeqCst);
-    tracing::info!(
-        signal = if code == 130 { "SIGINT" } else { "SIGTERM" },
-        "shutting down; a second signal exits at once"
-    );
-    tokio::spawn(async move {
-        tokio::select! {
-            _ = int.recv() => {},
-            _ = term.recv() => {},
+    ) {
+        (Ok(mut int), Ok(mut term)) => {
+            let first = stop.clone();
+            tokio::spawn(async move {
+                let code = tokio::select! {
+                    _ = int.recv() => 130,
+                    _ = term.recv() => 143,
+                };
+                SIGNALLED.store(code, Ordering::SeqCst);
+                tracing::info!(
+                    signal = if code == 130 { "SIGINT" } else { "SIGTERM" },
+                    "shutting down; a second signal exits at once"
+                );
+                first.cancel();
+                tokio::select! {
+                    _ = int.recv() => {},
+                    _ = term.recv() => {},
+                }
+                eprintln!("paysync: second signal, exiting now");
+                std::process::exit(i32::from(code));
+            });
         }
-        eprintln!("paysync: second signal, exiting now");
-        std::process::exit(i32::from(code));
-    });
+        _ => tracing::warn!("cannot install signal handlers; stop with SIGKILL"),
+    }
+    stop.cancelled_owned()
 }
 
 fn main() -> ExitCode {
@@ -234,6 +243,8 @@ async fn run(args: RunArgs) -> Result<RunReport, RunError> {
 
 /// `paysync daemon`: the engine, the optional metrics endpoint, the schedules.
 async fn daemon(config: &std::path::Path) -> Result<paysync::daemon::DaemonReport, RunError> {
+    // Before the state is opened: from then on a signal is handled, never fatal.
+    let shutdown = shutdown_signal();
     let settings = Arc::new(Settings::load(config)?);
     let engine = Arc::new(pipeline::Engine::open(settings.clone()).await?);
     let stop_metrics = tokio_util::sync::CancellationToken::new();
@@ -251,7 +262,7 @@ async fn daemon(config: &std::path::Path) -> Result<paysync::daemon::DaemonRepor
             }
         });
     }
-    let report = paysync::daemon::run_daemon(engine, shutdown_signal()).await;
+    let report = paysync::daemon::run_daemon(engine, shutdown).await;
     stop_metrics.cancel();
     report
 }

@@ -302,6 +302,35 @@ async fn second_signal_exits_at_once_without_corrupting_state() {
     assert_eq!(latest(&ws.rows()).len(), 4);
 }
 
+/// A SIGTERM that arrives while the daemon is still starting (its first ingest is
+/// stalled 2.5 s by the `slow-ingest` delay point, so the signal lands inside that
+/// window whatever the machine's speed) is handled, never fatal: the daemon finishes
+/// starting, stops cleanly with 0, and a later run finishes the work.
+#[tokio::test(flavor = "multi_thread")]
+async fn signal_while_starting_stops_cleanly() {
+    let server = mock(MockOptions::default()).await;
+    let ws = Workspace::new();
+    std::fs::create_dir(ws.path("inbox")).unwrap();
+    ws.config(&server.payprotocol_base_url(), SECRET, DAEMON);
+    append(
+        &ws,
+        "queue.txt",
+        &format!("{}\n", numbered("PAID", 3).join("\n")),
+    );
+    let daemon = start_daemon_with(&ws, None, &[("PAYSYNC_FAILPOINT", "slow-ingest")]);
+    // The state's lock file exists once the state is open, which is after the
+    // signal handlers are installed and before the first ingest.
+    wait_for("state opened", || ws.path("state.db.lock").exists()).await;
+    let err = stop_daemon(daemon).await;
+    assert!(err.contains("shutting down"), "{err}");
+
+    let out = ws.run(&[]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let rows = ws.rows();
+    assert_no_duplicates(&rows);
+    assert_eq!(latest(&rows).len(), 3);
+}
+
 /// Like a systemd timer with `Persistent=true`: an export that fell due while the
 /// daemon was down runs once at start, before the daemon reports ready.
 #[tokio::test(flavor = "multi_thread")]
