@@ -13,6 +13,7 @@
 //! - [`Batch`]: observation rows staged for one output file (exactly-once export).
 //! - [`RunRecord`] / [`StatusReport`]: what `paysync status` shows.
 
+pub mod row;
 pub mod sqlite;
 
 use std::path::PathBuf;

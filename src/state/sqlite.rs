@@ -79,6 +79,7 @@ use rusqlite::{
 use super::{
     Admission, Batch, DueOrder, NewOrder, OldestUnsettled, OrderKey, PollOutcome, PollRecord,
     QueuePosition, RunRecord, SCHEMA_VERSION, StateError, StateStore, StatusCount, StatusReport,
+    row,
 };
 use crate::model::{InputObject, Observation, OrderNo, PayDetail, PayStatus, Tracking};
 use crate::provider::ProviderKind;
@@ -738,7 +739,7 @@ impl StateStore for SqliteStore {
                     continue;
                 };
                 let obs = observation(p, api_calls, from_ms(first_seen_at)?);
-                let row = observation_row(&obs, &input)
+                let row = row::observation_row(&obs, &input)
                     .map_err(|e| StateError::Corrupt(format!("observation of {order_no}: {e}")))?;
                 observe.execute(params![status.as_str(), row])?;
             }
@@ -1093,7 +1094,7 @@ fn has_observed(observed: &str, status: PayStatus, tracking: Tracking) -> bool {
 }
 
 /// The output row for poll `p` of an order with `api_calls` calls so far, without
-/// its input columns (see [`observation_row`]).
+/// its input columns (see [`row::observation_row`]).
 fn observation(p: &PollRecord, api_calls: u32, first_seen_at: DateTime<Utc>) -> Observation {
     let status = p.outcome.status();
     let (d, error) = match &p.outcome {
@@ -1127,35 +1128,6 @@ fn observation(p: &PollRecord, api_calls: u32, first_seen_at: DateTime<Utc>) -> 
         error,
         input: Vec::new(),
     }
-}
-
-/// How serde_json ends an [`Observation`] with no input columns: `input` is its
-/// last field.
-const EMPTY_INPUT_TAIL: &str = r#","input":{}}"#;
-
-/// Observation rows are about this long (JSON bytes before the input columns).
-const ROW_CAPACITY: usize = 1024;
-
-/// The stored text of `obs` (whose `input` is empty) with the order's stored input
-/// object (`input`, as [`InputObject`] wrote it) spliced in as `input`: the JSONL
-/// encoding of the full observation, without parsing and re-encoding the input
-/// for every row.
-fn observation_row(obs: &Observation, input: &str) -> Result<String, String> {
-    if !(input.starts_with('{') && input.ends_with('}')) {
-        return Err(format!(
-            "stored input columns are not a JSON object: {input}"
-        ));
-    }
-    let mut row = Vec::with_capacity(ROW_CAPACITY + input.len());
-    serde_json::to_writer(&mut row, obs).map_err(|e| e.to_string())?;
-    if !row.ends_with(EMPTY_INPUT_TAIL.as_bytes()) {
-        return Err("observation JSON does not end with its input".into());
-    }
-    // Keep `,"input":` and replace `{}}`.
-    row.truncate(row.len() - "{}}".len());
-    row.extend_from_slice(input.as_bytes());
-    row.push(b'}');
-    String::from_utf8(row).map_err(|e| e.to_string())
 }
 
 #[cfg(test)]
@@ -1416,35 +1388,6 @@ mod tests {
             [("z", "1"), ("a", "say \"hi\"\\ \u{1}\n€"), ("", "")]
         );
         assert_eq!(s.next_due_at(PP).unwrap(), None);
-    }
-
-    /// An observation row with its input spliced in is exactly serde_json's
-    /// encoding of the whole observation, whatever the input holds; input text
-    /// that is not an object is refused.
-    #[test]
-    fn observation_rows_splice_the_input_object() {
-        let p = poll_keyed(OrderKey(1), "A", PayStatus::Paid, Tracking::Settled, at(1));
-        for input in [
-            vec![],
-            vec![("order_no".to_owned(), "A".to_owned())],
-            vec![
-                ("z".to_owned(), "say \"hi\"\\ \u{1}\n€".to_owned()),
-                ("input".to_owned(), "{}}".to_owned()),
-                (String::new(), String::new()),
-            ],
-        ] {
-            let stored = serde_json::to_string(&InputObject(&input)).unwrap();
-            let row = observation_row(&observation(&p, 1, at(0)), &stored).unwrap();
-            let mut full = observation(&p, 1, at(0));
-            full.input = input;
-            assert_eq!(row, serde_json::to_string(&full).unwrap());
-        }
-        for bad in ["", "[]", r#"["a","b"]"#, "{", "null"] {
-            assert!(
-                observation_row(&observation(&p, 1, at(0)), bad).is_err(),
-                "{bad}"
-            );
-        }
     }
 
     /// Claiming walks the partial `orders_due` index in order: no table scan, no

@@ -1,0 +1,245 @@
+//! The stored text of an observation row: the JSON object JSONL output carries,
+//! written once when a poll is recorded and copied out unchanged at export.
+//!
+//! [`observation_row`] writes the same bytes as `serde_json` does for the derived
+//! `Serialize` of [`Observation`] (a property test holds it to that), but it is on
+//! the hot path of recording polls, so it writes each field directly, copies
+//! strings that need no escaping in one piece, and splices the order's stored
+//! input object in as text instead of parsing and re-encoding it. Strings that do
+//! need escaping still go through `serde_json`.
+
+use std::fmt::Write;
+
+use crate::model::{Observation, rfc3339, rfc3339_millis};
+
+/// Observation rows are about this long (JSON bytes before the input columns).
+const ROW_CAPACITY: usize = 1024;
+
+/// The JSONL text of `obs` with `input` (the order's input columns as the JSON
+/// object [`crate::model::InputObject`] wrote) as its `input` field. `obs.input`
+/// itself is not read. Input text that is not an object is refused.
+pub fn observation_row(obs: &Observation, input: &str) -> Result<String, String> {
+    if !(input.starts_with('{') && input.ends_with('}')) {
+        return Err(format!(
+            "stored input columns are not a JSON object: {input}"
+        ));
+    }
+    let mut w = Row(String::with_capacity(ROW_CAPACITY + input.len()));
+    // Field order is the derive's: `Observation`'s declaration order.
+    w.0.push('{');
+    w.key("provider", true);
+    w.string(&obs.provider);
+    w.key("order_no", false);
+    w.string(&obs.order_no);
+    w.key("status", false);
+    w.string(obs.status.as_str());
+    w.key("provider_status", false);
+    w.string(&obs.provider_status);
+    w.key("settled", false);
+    w.raw(if obs.settled { "true" } else { "false" });
+    w.key("tracking", false);
+    w.string(obs.tracking.as_str());
+    w.key("amount", false);
+    w.opt(obs.amount.as_ref().map(|a| a.as_str()));
+    w.key("currency", false);
+    w.opt(obs.currency.as_deref());
+    w.key("quote_amount", false);
+    w.opt(obs.quote_amount.as_ref().map(|a| a.as_str()));
+    w.key("quote_currency", false);
+    w.opt(obs.quote_currency.as_deref());
+    w.key("expected_amount", false);
+    w.opt(obs.expected_amount.as_ref().map(|a| a.as_str()));
+    w.key("payment_no", false);
+    w.opt(obs.payment_no.as_deref());
+    w.key("payment_method", false);
+    w.opt(obs.payment_method.as_deref());
+    w.key("tx_hash", false);
+    w.opt(obs.tx_hash.as_deref());
+    w.key("from_address", false);
+    w.opt(obs.from_address.as_deref());
+    w.key("to_address", false);
+    w.opt(obs.to_address.as_deref());
+    w.key("chain_id", false);
+    w.opt(obs.chain_id.as_deref());
+    w.key("paid_account", false);
+    w.opt(obs.paid_account.as_deref());
+    w.key("created_at", false);
+    w.opt(obs.created_at.map(rfc3339).as_deref());
+    w.key("paid_at", false);
+    w.opt(obs.paid_at.map(rfc3339).as_deref());
+    w.key("observed_at", false);
+    w.string(&rfc3339_millis(obs.observed_at));
+    w.key("first_seen_at", false);
+    w.string(&rfc3339_millis(obs.first_seen_at));
+    w.key("polls", false);
+    write!(w.0, "{}", obs.polls).expect("writing to a String cannot fail");
+    w.key("error", false);
+    w.opt(obs.error.as_deref());
+    w.key("input", false);
+    w.raw(input);
+    w.0.push('}');
+    Ok(w.0)
+}
+
+/// A row being written.
+struct Row(String);
+
+impl Row {
+    /// `"name":`, after a comma unless it is the first field. Names are plain
+    /// ASCII identifiers, which JSON needs no escaping for.
+    fn key(&mut self, name: &str, first: bool) {
+        debug_assert!(!needs_escape(name.as_bytes()));
+        if !first {
+            self.0.push(',');
+        }
+        self.0.push('"');
+        self.0.push_str(name);
+        self.0.push_str("\":");
+    }
+
+    fn raw(&mut self, text: &str) {
+        self.0.push_str(text);
+    }
+
+    /// A JSON string: copied as it is when nothing in it needs escaping, else
+    /// escaped by `serde_json`.
+    fn string(&mut self, s: &str) {
+        if needs_escape(s.as_bytes()) {
+            let escaped = serde_json::to_string(s).expect("a string always encodes");
+            self.0.push_str(&escaped);
+        } else {
+            self.0.push('"');
+            self.0.push_str(s);
+            self.0.push('"');
+        }
+    }
+
+    fn opt(&mut self, s: Option<&str>) {
+        match s {
+            Some(s) => self.string(s),
+            None => self.raw("null"),
+        }
+    }
+}
+
+/// Whether JSON needs any byte of `s` escaped: a quote, a backslash or a control
+/// character (what `serde_json` escapes; it leaves DEL and non-ASCII as they are).
+/// No early exit, so the compiler turns the loop into vector compares.
+fn needs_escape(s: &[u8]) -> bool {
+    s.iter().fold(false, |any, &b| {
+        any | (b < 0x20) | (b == b'"') | (b == b'\\')
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Amount, InputObject, PayStatus, Tracking};
+    use chrono::{DateTime, Utc};
+    use proptest::prelude::*;
+
+    fn time(ms: i64) -> DateTime<Utc> {
+        DateTime::from_timestamp_millis(ms).unwrap()
+    }
+
+    #[test]
+    fn escaping_is_detected_exactly() {
+        for b in 0u8..=255 {
+            let want = b < 0x20 || b == b'"' || b == b'\\';
+            assert_eq!(needs_escape(&[b]), want, "{b:#04x}");
+            // Anywhere in a longer string, past a vector's width.
+            let mut long = vec![b'a'; 70];
+            long[67] = b;
+            assert_eq!(needs_escape(&long), want, "{b:#04x} at 67");
+        }
+    }
+
+    /// Text with what JSON escapes (quotes, backslashes, controls) and what it
+    /// does not (DEL, non-ASCII, U+2028).
+    fn text() -> impl Strategy<Value = String> {
+        "[a-zA-Z0-9 .:_-]{0,40}|[\"\\\\\u{0}-\u{1f}\u{7f}é€\u{2028}😀a]{0,12}|\\PC{0,20}"
+    }
+
+    fn opt_text() -> impl Strategy<Value = Option<String>> {
+        proptest::option::of(text())
+    }
+
+    fn opt_amount() -> impl Strategy<Value = Option<Amount>> {
+        proptest::option::of("-?[0-9]{1,30}(\\.[0-9]{1,20})?")
+            .prop_map(|a| a.map(|a| Amount::parse_decimal(&a).unwrap()))
+    }
+
+    /// Milliseconds across years 1970–9999, and whole seconds (written without
+    /// a fraction where the schema keeps only given sub-seconds).
+    fn millis() -> impl Strategy<Value = i64> {
+        prop_oneof![
+            0i64..253_402_300_799_999,
+            (0i64..253_402_300_799).prop_map(|s| s * 1000)
+        ]
+    }
+
+    prop_compose! {
+        fn observation()(
+            provider in text(),
+            order_no in text(),
+            status in proptest::sample::select(PayStatus::ALL.to_vec()),
+            provider_status in text(),
+            settled in any::<bool>(),
+            tracking in proptest::sample::select(vec![Tracking::Settled, Tracking::Polling, Tracking::Deadline]),
+            amounts in (opt_amount(), opt_amount(), opt_amount()),
+            texts in (opt_text(), opt_text(), opt_text(), opt_text(), opt_text(), opt_text(), opt_text(), opt_text(), opt_text(), opt_text()),
+            created_at in proptest::option::of(millis()),
+            paid_at in proptest::option::of(millis()),
+            observed_at in millis(),
+            first_seen_at in millis(),
+            polls in any::<u32>(),
+            input in proptest::collection::vec((text(), text()), 0..4),
+        ) -> Observation {
+            let (amount, quote_amount, expected_amount) = amounts;
+            let (currency, quote_currency, payment_no, payment_method, tx_hash, from_address, to_address, chain_id, paid_account, error) = texts;
+            Observation {
+                provider, order_no, status, provider_status, settled, tracking,
+                amount, currency, quote_amount, quote_currency, expected_amount,
+                payment_no, payment_method, tx_hash, from_address, to_address,
+                chain_id, paid_account,
+                created_at: created_at.map(time),
+                paid_at: paid_at.map(time),
+                observed_at: time(observed_at),
+                first_seen_at: time(first_seen_at),
+                polls, error, input,
+            }
+        }
+    }
+
+    proptest! {
+        /// Byte for byte what serde_json writes for the whole observation, with
+        /// the stored input object spliced in.
+        #[test]
+        fn rows_are_serde_json_encodings(obs in observation()) {
+            let stored = serde_json::to_string(&InputObject(&obs.input)).unwrap();
+            let row = observation_row(&obs, &stored).unwrap();
+            prop_assert_eq!(row, serde_json::to_string(&obs).unwrap());
+        }
+    }
+
+    #[test]
+    fn input_that_is_not_an_object_is_refused() {
+        let obs: Observation = serde_json::from_value(serde_json::json!({
+            "provider": "payprotocol", "order_no": "A", "status": "paid",
+            "provider_status": "3", "settled": true, "tracking": "settled",
+            "amount": null, "currency": null, "quote_amount": null,
+            "quote_currency": null, "expected_amount": null, "payment_no": null,
+            "payment_method": null, "tx_hash": null, "from_address": null,
+            "to_address": null, "chain_id": null, "paid_account": null,
+            "created_at": null, "paid_at": null,
+            "observed_at": "2026-01-01T00:00:00.000Z",
+            "first_seen_at": "2026-01-01T00:00:00.000Z",
+            "polls": 1, "error": null, "input": {}
+        }))
+        .unwrap();
+        assert!(observation_row(&obs, "{}").is_ok());
+        for bad in ["", "[]", r#"["a","b"]"#, "{", "null"] {
+            assert!(observation_row(&obs, bad).is_err(), "{bad}");
+        }
+    }
+}
