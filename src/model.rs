@@ -234,21 +234,28 @@ impl Amount {
         if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
             return Err(InvalidAmount::NotInteger(units.to_owned()));
         }
+        // Without leading zeros; empty for zero, which is written without a sign.
         let digits = digits.trim_start_matches('0');
         let d = decimals as usize;
-        let padded = if digits.len() <= d {
-            format!("{}{}", "0".repeat(d + 1 - digits.len()), digits)
+        let mut text = String::with_capacity(digits.len().max(d + 1) + 2);
+        if neg && !digits.is_empty() {
+            text.push('-');
+        }
+        if digits.len() <= d {
+            text.push('0');
+            if d > 0 {
+                text.push('.');
+                text.extend(std::iter::repeat_n('0', d - digits.len()));
+                text.push_str(digits);
+            }
         } else {
-            digits.to_owned()
-        };
-        let (int, frac) = padded.split_at(padded.len() - d);
-        let is_zero = int.bytes().all(|b| b == b'0') && frac.bytes().all(|b| b == b'0');
-        let sign = if neg && !is_zero { "-" } else { "" };
-        let text = if d == 0 {
-            format!("{sign}{int}")
-        } else {
-            format!("{sign}{int}.{frac}")
-        };
+            let (int, frac) = digits.split_at(digits.len() - d);
+            text.push_str(int);
+            if d > 0 {
+                text.push('.');
+                text.push_str(frac);
+            }
+        }
         Ok(Self(text))
     }
 
