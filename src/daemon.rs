@@ -21,6 +21,7 @@
 //! `done/` inside it. A crash mid-file ingests it again at the next run: orders
 //! already registered are recognised, none is fetched twice.
 
+use std::fs::File;
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -32,7 +33,7 @@ use tokio::sync::{Mutex, Notify, watch};
 use tokio_cron_scheduler::{Job, JobScheduler};
 use tokio_util::sync::CancellationToken;
 
-use crate::input::{self, InputSpec, RejectsWriter};
+use crate::input::{self, IdentityMatch, InputSpec, RejectsWriter};
 use crate::model::PayStatus;
 use crate::output::OutputError;
 use crate::pipeline::{Engine, PollUntil, RunError, input_specs, new_run_id};
@@ -69,9 +70,9 @@ pub fn missed_export(cron: &croner::Cron, last: Option<DateTime<Utc>>, now: Date
         .is_ok_and(|next| next <= now)
 }
 
-/// The file beside queue file `path` (its rotated self) whose device:inode is
-/// `identity`, if there is one.
-fn rotated_file(path: &Path, identity: &str) -> Option<PathBuf> {
+/// The file beside queue file `path` (its rotated self) that `identity` names,
+/// open, if there is one.
+fn rotated_file(path: &Path, identity: &str) -> Option<(PathBuf, File)> {
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
@@ -80,10 +81,14 @@ fn rotated_file(path: &Path, identity: &str) -> Option<PathBuf> {
         .ok()?
         .filter_map(Result::ok)
         .map(|e| e.path())
-        .find(|p| {
-            p != path
-                && std::fs::metadata(p)
-                    .is_ok_and(|m| m.is_file() && input::file_identity(&m) == identity)
+        .filter(|p| p != path)
+        .find_map(|p| {
+            let file = File::open(&p).ok()?;
+            let meta = file.metadata().ok()?;
+            let same = meta.is_file()
+                && input::match_identity(identity, &file, &meta)
+                    .is_ok_and(|m| m == IdentityMatch::Same);
+            same.then_some((p, file))
         })
 }
 
@@ -227,72 +232,74 @@ impl Sources {
         path: &Path,
         rejects: &mut RejectsWriter,
     ) -> Result<u64, RunError> {
-        let meta = match std::fs::metadata(path) {
-            Ok(m) => m,
+        let open_err = |source| input::InputError::Open {
+            path: path.to_owned(),
+            source,
+        };
+        let file = match File::open(path) {
+            Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 tracing::debug!(queue = %path.display(), "queue file does not exist yet");
                 return Ok(0);
             }
-            Err(source) => {
-                return Err(input::InputError::Open {
-                    path: path.to_owned(),
-                    source,
-                }
-                .into());
-            }
+            Err(source) => return Err(open_err(source).into()),
         };
+        let meta = file.metadata().map_err(open_err)?;
         let key = path.display().to_string();
-        let identity = input::file_identity(&meta);
         let store = &d.engine.store;
         let mut new = 0;
         let offset = match store.queue_position(&key)? {
-            Some(p) if p.identity == identity && p.offset <= meta.len() => p.offset,
-            Some(p) if p.identity == identity => {
-                tracing::warn!(queue = %key, offset = p.offset, size = meta.len(), "queue file was truncated; reading it from the start");
-                0
-            }
-            Some(p) => {
-                // Rotated: finish the old file first (its position is saved under the
-                // old identity until it is read to the end).
-                match rotated_file(path, &p.identity) {
-                    Some(old) => {
-                        tracing::info!(queue = %key, rotated = %old.display(), offset = p.offset, "queue file was rotated; reading the rest of the old file, then the new one");
-                        let (n, done) =
-                            self.read_queue(d, &old, &key, &p.identity, p.offset, rejects)?;
-                        new += n;
-                        if !done {
-                            return Ok(new);
-                        }
-                        // The old file is read: the position is the new file's now,
-                        // even before it has a line.
-                        let start = QueuePosition {
-                            path: key.clone(),
-                            identity: identity.clone(),
-                            offset: 0,
-                        };
-                        store.add_orders(&d.run_id, &[], d.engine.clock.now(), Some(&start))?;
-                    }
-                    None => {
-                        tracing::warn!(queue = %key, offset = p.offset, "queue file was rotated and the old file is not in its directory any more; lines appended to it after the last ingest were not read")
-                    }
-                }
-                0
-            }
             None => 0,
+            Some(p) => match input::match_identity(&p.identity, &file, &meta).map_err(open_err)? {
+                IdentityMatch::Same if p.offset <= meta.len() => p.offset,
+                IdentityMatch::Same | IdentityMatch::Rewritten => {
+                    tracing::warn!(queue = %key, offset = p.offset, size = meta.len(), "queue file was truncated or rewritten in place; reading it from the start");
+                    0
+                }
+                IdentityMatch::Other => {
+                    // Rotated: finish the old file first (its position is saved under
+                    // the old identity until it is read to the end).
+                    match rotated_file(path, &p.identity) {
+                        Some((old_path, old)) => {
+                            tracing::info!(queue = %key, rotated = %old_path.display(), offset = p.offset, "queue file was rotated; reading the rest of the old file, then the new one");
+                            let (n, done) =
+                                self.read_queue(d, &old, &old_path, &key, p.offset, rejects)?;
+                            new += n;
+                            if !done {
+                                return Ok(new);
+                            }
+                            // The old file is read: the position is the new file's now,
+                            // even before it has a line.
+                            let start = QueuePosition {
+                                path: key.clone(),
+                                identity: input::queue_identity(&file, &meta, 0)
+                                    .map_err(open_err)?,
+                                offset: 0,
+                            };
+                            store.add_orders(&d.run_id, &[], d.engine.clock.now(), Some(&start))?;
+                        }
+                        None => {
+                            tracing::warn!(queue = %key, offset = p.offset, "queue file was rotated and the old file is not in its directory any more; lines appended to it after the last ingest were not read")
+                        }
+                    }
+                    0
+                }
+            },
         };
-        let (n, _) = self.read_queue(d, path, &key, &identity, offset, rejects)?;
+        let (n, _) = self.read_queue(d, &file, path, &key, offset, rejects)?;
         Ok(new + n)
     }
 
-    /// Registers the complete lines of queue file `file` from `offset` to its end,
-    /// saving the position under `key` and `identity` with each batch. Returns the
-    /// new orders and whether the end was reached (false when stopping).
+    /// Registers the complete lines of queue file `file` (open from `path`) from
+    /// `offset` to its end, saving the position under `key`, with the file's
+    /// identity, with each batch. Returns the new orders and whether the end was
+    /// reached (false when stopping).
     fn read_queue(
         &self,
         d: &Daemon,
-        file: &Path,
+        file: &File,
+        path: &Path,
         key: &str,
-        identity: &str,
         mut offset: u64,
         rejects: &mut RejectsWriter,
     ) -> Result<(u64, bool), RunError> {
@@ -300,10 +307,7 @@ impl Sources {
         let mut line = None;
         let mut new = 0;
         loop {
-            let chunk = match line {
-                Some(l) => input::read_queue_from_line(file, offset, l, QUEUE_BATCH)?,
-                None => input::read_queue_from(file, offset, QUEUE_BATCH)?,
-            };
+            let chunk = input::read_open_queue(file, path, offset, line, QUEUE_BATCH)?;
             if chunk.next_offset == offset && chunk.records.is_empty() {
                 return Ok((new, true));
             }
@@ -328,7 +332,7 @@ impl Sources {
             }
             let pos = QueuePosition {
                 path: key.to_owned(),
-                identity: identity.to_owned(),
+                identity: chunk.identity,
                 offset: chunk.next_offset,
             };
             let admissions =

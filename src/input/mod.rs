@@ -9,26 +9,29 @@
 //!   either a validated order number or the [`RejectReason`].
 //! - [`InputError`]: fatal errors (the file cannot be read at all); a bad row is
 //!   never fatal, it is rejected.
-//! - [`read_queue_from`] / [`QueueChunk`] / [`file_identity`]: tailing a queue file
-//!   from a durable byte offset (daemon mode).
+//! - [`read_queue_from`] / [`QueueChunk`]: tailing a queue file from a durable
+//!   byte offset (daemon mode); [`match_identity`] tells whether a saved offset
+//!   still belongs to the file found (see `identity`).
 //! - [`is_empty_file`]: whether a file holds nothing but a BOM and whitespace.
 //! - [`RejectsWriter`]: writes `rejects-<run id>.csv`, created only when needed.
 
 mod csv;
+mod identity;
 mod queue;
 mod rejects;
 
-use std::fs::{File, Metadata};
+use std::fs::File;
 use std::io::{self, BufRead, BufReader};
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::model::{InputColumns, InvalidOrderNo, OrderNo};
 
 pub use self::csv::CsvRecords;
+pub use self::identity::{HEAD_BYTES, IdentityMatch, match_identity, queue_identity};
 pub use self::queue::{
-    MAX_QUEUE_LINE, QueueChunk, QueueRecords, read_queue_from, read_queue_from_line,
+    MAX_QUEUE_LINE, QueueChunk, QueueRecords, read_open_queue, read_queue_from,
+    read_queue_from_line,
 };
 pub use self::rejects::{REJECTS_HEADER, RejectsWriter, rejects_file_name};
 
@@ -228,12 +231,6 @@ pub fn is_empty_file(path: &Path) -> io::Result<bool> {
     }
 }
 
-/// Identifies a file independently of its name, to notice a rotated queue file:
-/// `"<device>:<inode>"`.
-pub fn file_identity(meta: &Metadata) -> String {
-    format!("{}:{}", meta.dev(), meta.ino())
-}
-
 /// Builds the parsed value of a row from its order and payment cells.
 fn parse_order(order: &str, payment: Option<&str>) -> Result<ParsedOrder, RejectReason> {
     let order_no = OrderNo::parse(order)?;
@@ -341,17 +338,5 @@ mod tests {
         );
         let (_dir, path) = write_file("q.txt", b"A1\n");
         assert!(open(&InputSpec::new(&path)).unwrap().header().is_empty());
-    }
-
-    /// The file identity is device and inode, stable across renames.
-    #[test]
-    fn identity_survives_rename() {
-        let (dir, path) = write_file("q.txt", b"A\n");
-        let before = file_identity(&std::fs::metadata(&path).unwrap());
-        let moved = dir.path().join("q.txt.1");
-        std::fs::rename(&path, &moved).unwrap();
-        let after = file_identity(&std::fs::metadata(&moved).unwrap());
-        assert_eq!(before, after);
-        assert!(before.contains(':'));
     }
 }

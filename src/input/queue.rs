@@ -12,6 +12,7 @@ use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use super::identity::queue_identity;
 use super::{InputError, InputRecord, RejectReason, open_file, parse_order, strip_line_end};
 
 const UTF8_BOM: &[u8] = b"\xEF\xBB\xBF";
@@ -181,6 +182,9 @@ pub struct QueueChunk {
     /// Everything complete up to the end of the file was consumed (fewer than
     /// `max_lines` records were found).
     pub at_end: bool,
+    /// The identity to save with `next_offset` (see [`queue_identity`]), taken
+    /// from the file actually read.
+    pub identity: String,
 }
 
 /// Reads up to `max_lines` order lines from `path`, starting at byte `offset`
@@ -192,7 +196,7 @@ pub fn read_queue_from(
     offset: u64,
     max_lines: usize,
 ) -> Result<QueueChunk, InputError> {
-    read_chunk(path, offset, None, max_lines)
+    read_chunk(&open_file(path)?, path, offset, None, max_lines)
 }
 
 /// Like [`read_queue_from`], when the caller knows the line number at `offset`
@@ -203,22 +207,36 @@ pub fn read_queue_from_line(
     start_line: u64,
     max_lines: usize,
 ) -> Result<QueueChunk, InputError> {
-    read_chunk(path, offset, Some(start_line), max_lines)
+    read_chunk(&open_file(path)?, path, offset, Some(start_line), max_lines)
 }
 
-fn read_chunk(
+/// Like [`read_queue_from`] (or [`read_queue_from_line`] with a `start_line`), from
+/// a queue file already open: a caller that keeps the handle goes on reading the
+/// same file even if its path is rotated meanwhile. `path` names it in errors.
+pub fn read_open_queue(
+    file: &File,
     path: &Path,
     offset: u64,
     start_line: Option<u64>,
     max_lines: usize,
 ) -> Result<QueueChunk, InputError> {
-    let mut file = open_file(path)?;
+    read_chunk(file, path, offset, start_line, max_lines)
+}
+
+fn read_chunk(
+    mut file: &File,
+    path: &Path,
+    offset: u64,
+    start_line: Option<u64>,
+    max_lines: usize,
+) -> Result<QueueChunk, InputError> {
     let read_err = |line, source| InputError::Read {
         path: path.to_owned(),
         line,
         source,
     };
-    let len = file.metadata().map_err(|e| read_err(1, e))?.len();
+    let meta = file.metadata().map_err(|e| read_err(1, e))?;
+    let len = meta.len();
     let truncated = offset > len;
     let (offset, start_line) = if truncated {
         (0, 1)
@@ -227,7 +245,7 @@ fn read_chunk(
             Some(line) => (offset, line),
             None => (
                 offset,
-                1 + count_lines_before(&mut file, offset).map_err(|e| read_err(1, e))?,
+                1 + count_lines_before(file, offset).map_err(|e| read_err(1, e))?,
             ),
         }
     };
@@ -244,6 +262,7 @@ fn read_chunk(
         next_line: start_line,
         truncated,
         at_end: false,
+        identity: String::new(),
     };
     while chunk.records.len() < max_lines {
         let read = match read_line(&mut reader, &mut buf) {
@@ -264,11 +283,13 @@ fn read_chunk(
             chunk.records.push(rec);
         }
     }
+    chunk.identity =
+        queue_identity(file, &meta, chunk.next_offset).map_err(|e| read_err(chunk.next_line, e))?;
     Ok(chunk)
 }
 
 /// Counts the `\n` bytes in the first `offset` bytes of `file` (from its start).
-fn count_lines_before(file: &mut File, offset: u64) -> io::Result<u64> {
+fn count_lines_before(mut file: &File, offset: u64) -> io::Result<u64> {
     file.seek(SeekFrom::Start(0))?;
     let mut reader = BufReader::with_capacity(64 * 1024, file.take(offset));
     let mut lines = 0;

@@ -141,8 +141,9 @@ impl PollOutcome {
 }
 
 /// How far a queue file has been read: `identity` tells the file apart from a
-/// rotated successor (device and inode), `offset` is the byte after the last line
-/// taken.
+/// rotated successor or a file rewritten in its place (device, inode and a hash of
+/// its first bytes; see `crate::input::queue_identity`), `offset` is the byte after
+/// the last line taken. The store keeps `identity` as opaque text.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct QueuePosition {
     pub path: String,

@@ -2,6 +2,7 @@
 //! settling between exports, systemd notifications, and graceful shutdown.
 
 use std::io::Write;
+use std::os::unix::fs::MetadataExt;
 use std::os::unix::process::ExitStatusExt;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -255,6 +256,49 @@ async fn restart_resumes_queue_offset_and_handles_truncation() {
     let rows = ws.rows();
     assert_no_duplicates(&rows);
     assert_eq!(rows.len(), 9);
+    assert_eq!(server.counters().snapshot().payprotocol_detail_requests, 9);
+}
+
+/// A queue file rewritten in place while the daemon was down (same inode, new
+/// lines, more bytes than the saved offset: `copytruncate` and new appends) is
+/// read from its start: no new line is skipped for sitting below the old offset.
+#[tokio::test(flavor = "multi_thread")]
+async fn queue_rewritten_in_place_is_read_from_its_start() {
+    let server = mock(MockOptions::default()).await;
+    let ws = Workspace::new();
+    std::fs::create_dir(ws.path("inbox")).unwrap();
+    ws.config(&server.payprotocol_base_url(), SECRET, DAEMON);
+    append(
+        &ws,
+        "queue.txt",
+        &format!("{}\n", numbered("PAID", 3).join("\n")),
+    );
+    let mut daemon = start_daemon(&ws, None);
+    wait_for("first lines exported", || latest(&ws.rows()).len() == 3).await;
+    sigterm(&daemon);
+    assert_eq!(daemon.wait().await.unwrap().code(), Some(0));
+
+    let queue = ws.path("queue.txt");
+    let (inode, saved_offset) = {
+        let m = std::fs::metadata(&queue).unwrap();
+        (m.ino(), m.len())
+    };
+    let fresh: Vec<String> = (0..6).map(|i| format!("W-PAID-{i}")).collect();
+    let text = format!("{}\n", fresh.join("\n"));
+    assert!(text.len() as u64 > saved_offset);
+    std::fs::write(&queue, text).unwrap();
+    assert_eq!(std::fs::metadata(&queue).unwrap().ino(), inode);
+
+    let mut daemon = start_daemon(&ws, None);
+    wait_for("rewritten queue exported", || latest(&ws.rows()).len() == 9).await;
+    sigterm(&daemon);
+    assert_eq!(daemon.wait().await.unwrap().code(), Some(0));
+    let rows = ws.rows();
+    assert_no_duplicates(&rows);
+    let latest = latest(&rows);
+    for order in &fresh {
+        assert!(latest.contains_key(order.as_str()), "{order} was skipped");
+    }
     assert_eq!(server.counters().snapshot().payprotocol_detail_requests, 9);
 }
 
