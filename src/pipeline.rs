@@ -3,7 +3,7 @@
 //! staged observation rows as one committed file with its manifest.
 //!
 //! - [`Engine`]: the parts a run or the daemon shares (store, provider, limiter,
-//!   schedule, clock) and the three steps: [`Engine::ingest`], [`Engine::poll`],
+//!   schedule, clock) and the three steps: [`Engine::ingest_files`], [`Engine::poll`],
 //!   [`Engine::export`].
 //! - [`run`]: the one-off backfill built from those steps.
 //! - [`RunReport`]: what happened, for the summary and the exit code.
