@@ -8,14 +8,16 @@
 //!   CSV files dropped into the inbox directory.
 //! - [`missed_export`]: whether an export fell due while the daemon was down.
 //!
-//! Queue files: the read position (byte offset and the file's device:inode) is
-//! saved in the same state transaction as the orders read, so a crash neither loses
-//! nor re-reads a line. A different inode means the file was rotated: the old file
-//! is looked for in the same directory by its device:inode (logrotate's `queue.1` or
-//! `queue-20261123`), its lines after the saved offset are read, and then the new
-//! file from its start; if it is gone, a warning says its unread tail is lost. A
-//! file shorter than the saved offset was truncated: it is read from its start. A
-//! trailing line without `\n` waits until it is complete.
+//! Queue files: the read position (byte offset and the file's identity: device,
+//! inode and a hash of its first bytes, see `input::queue_identity`) is saved in
+//! the same state transaction as the orders read, so a crash neither loses nor
+//! re-reads a line. When the file at the queue path is not the one the position
+//! was saved for (rotated, or truncated or rewritten in place), the old file is
+//! looked for in the same directory, renamed (logrotate's `queue.1` or
+//! `queue-20261123`) or copied (`copytruncate`); its lines after the saved offset
+//! are read, and then the current file from its start. If it is gone, a warning
+//! says so and the current file is read from its start. A trailing line without
+//! `\n` waits until it is complete.
 //!
 //! Inbox: each `*.csv` in `input.inbox_dir` is ingested once, then moved to
 //! `done/` inside it. A crash mid-file ingests it again at the next run: orders
@@ -70,26 +72,38 @@ pub fn missed_export(cron: &croner::Cron, last: Option<DateTime<Utc>>, now: Date
         .is_ok_and(|next| next <= now)
 }
 
-/// The file beside queue file `path` (its rotated self) that `identity` names,
-/// open, if there is one.
-fn rotated_file(path: &Path, identity: &str) -> Option<(PathBuf, File)> {
+/// The file beside queue file `path` that a position saved under `identity` at
+/// `offset` belongs to, open: the file itself renamed away (same inode and head),
+/// else a copy of it (same head, as `copytruncate` leaves), at least `offset`
+/// bytes long.
+fn rotated_file(path: &Path, identity: &str, offset: u64) -> Option<(PathBuf, File)> {
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
     };
-    std::fs::read_dir(dir)
+    let candidates: Vec<(PathBuf, File, std::fs::Metadata)> = std::fs::read_dir(dir)
         .ok()?
         .filter_map(Result::ok)
         .map(|e| e.path())
-        .filter(|p| p != path)
-        .find_map(|p| {
+        .filter(|p| p != path && std::fs::metadata(p).is_ok_and(|m| m.is_file()))
+        .filter_map(|p| {
             let file = File::open(&p).ok()?;
             let meta = file.metadata().ok()?;
-            let same = meta.is_file()
-                && input::match_identity(identity, &file, &meta)
-                    .is_ok_and(|m| m == IdentityMatch::Same);
-            same.then_some((p, file))
+            (meta.is_file() && meta.len() >= offset).then_some((p, file, meta))
         })
+        .collect();
+    let renamed = candidates.iter().position(|(_, file, meta)| {
+        input::match_identity(identity, file, meta).is_ok_and(|m| m == IdentityMatch::Same)
+    });
+    let found = renamed.or_else(|| {
+        candidates
+            .iter()
+            .position(|(_, file, _)| input::same_head(identity, file).unwrap_or(false))
+    })?;
+    candidates
+        .into_iter()
+        .nth(found)
+        .map(|(path, file, _)| (path, file))
 }
 
 /// Parses a 6-field cron expression (seconds first), as the config validated it.
@@ -250,16 +264,16 @@ impl Sources {
         let mut new = 0;
         let offset = match store.queue_position(&key)? {
             None => 0,
-            Some(p) => match input::match_identity(&p.identity, &file, &meta).map_err(open_err)? {
-                IdentityMatch::Same if p.offset <= meta.len() => p.offset,
-                IdentityMatch::Same | IdentityMatch::Rewritten => {
-                    tracing::warn!(queue = %key, offset = p.offset, size = meta.len(), "queue file was truncated or rewritten in place; reading it from the start");
-                    0
-                }
-                IdentityMatch::Other => {
-                    // Rotated: finish the old file first (its position is saved under
-                    // the old identity until it is read to the end).
-                    match rotated_file(path, &p.identity) {
+            Some(p) => {
+                let found = input::match_identity(&p.identity, &file, &meta).map_err(open_err)?;
+                if found == IdentityMatch::Same && p.offset <= meta.len() {
+                    p.offset
+                } else {
+                    // Not the file the offset was saved for (rotated, or truncated
+                    // or rewritten in place): finish that file first if it is still
+                    // beside this one, renamed or copied, then read this one from
+                    // its start.
+                    match rotated_file(path, &p.identity, p.offset) {
                         Some((old_path, old)) => {
                             tracing::info!(queue = %key, rotated = %old_path.display(), offset = p.offset, "queue file was rotated; reading the rest of the old file, then the new one");
                             let (n, done) =
@@ -278,13 +292,16 @@ impl Sources {
                             };
                             store.add_orders(&d.run_id, &[], d.engine.clock.now(), Some(&start))?;
                         }
-                        None => {
+                        None if found == IdentityMatch::Other => {
                             tracing::warn!(queue = %key, offset = p.offset, "queue file was rotated and the old file is not in its directory any more; lines appended to it after the last ingest were not read")
+                        }
+                        None => {
+                            tracing::warn!(queue = %key, offset = p.offset, size = meta.len(), "queue file was truncated or rewritten in place; reading it from the start")
                         }
                     }
                     0
                 }
-            },
+            }
         };
         let (n, _) = self.read_queue(d, &file, path, &key, offset, rejects)?;
         Ok(new + n)

@@ -14,6 +14,7 @@
 //! - [`queue_identity`]: the identity of an open file read up to an offset.
 //! - [`match_identity`] / [`IdentityMatch`]: whether an open file is the one a
 //!   saved identity names.
+//! - [`same_head`]: whether a file starts as the named one did (a copy of it).
 
 use std::fs::{File, Metadata};
 use std::io;
@@ -81,6 +82,17 @@ pub fn match_identity(saved: &str, file: &File, meta: &Metadata) -> io::Result<I
         Some(h) if h == hash => IdentityMatch::Same,
         _ => IdentityMatch::Rewritten,
     })
+}
+
+/// Whether `file` starts with the bytes `saved` hashed, whatever its inode: a copy
+/// of the file `saved` names (logrotate's `copytruncate`). False for an identity
+/// without a head hash, which says nothing of the content.
+pub fn same_head(saved: &str, file: &File) -> io::Result<bool> {
+    let (_, head) = split(saved);
+    let Some((n, hash)) = head else {
+        return Ok(false);
+    };
+    Ok(head_hash(file, n)?.is_some_and(|h| h == hash))
 }
 
 /// `<dev>:<ino>` and, when present and well-formed, the hashed head's length and
@@ -166,12 +178,17 @@ mod tests {
             IdentityMatch::Rewritten
         );
 
-        // Another inode.
-        let (f, m) = file_with(&dir, "other", b"A1\nA2\n");
+        // Another inode: another file, though a copy has the same head.
+        let (f, m) = file_with(&dir, "copy", b"A1\nA2\nA3\n");
         assert_eq!(
             match_identity(&saved, &f, &m).unwrap(),
             IdentityMatch::Other
         );
+        assert!(same_head(&saved, &f).unwrap());
+        let (f, _) = file_with(&dir, "other", b"A1\nA9\n");
+        assert!(!same_head(&saved, &f).unwrap());
+        let (f, _) = file_with(&dir, "short", b"A1\n");
+        assert!(!same_head(&saved, &f).unwrap());
     }
 
     /// Positions saved before the head hash existed match by device and inode.
@@ -186,5 +203,7 @@ mod tests {
             IdentityMatch::Same
         );
         assert_eq!(match_identity("1:2", &f, &m).unwrap(), IdentityMatch::Other);
+        // Without a head hash, no file is taken for a copy.
+        assert!(!same_head(&old, &f).unwrap());
     }
 }

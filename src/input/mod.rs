@@ -28,7 +28,7 @@ use std::sync::Arc;
 use crate::model::{InputColumns, InvalidOrderNo, OrderNo};
 
 pub use self::csv::CsvRecords;
-pub use self::identity::{HEAD_BYTES, IdentityMatch, match_identity, queue_identity};
+pub use self::identity::{HEAD_BYTES, IdentityMatch, match_identity, queue_identity, same_head};
 pub use self::queue::{
     MAX_QUEUE_LINE, QueueChunk, QueueRecords, read_open_queue, read_queue_from,
     read_queue_from_line,

@@ -302,6 +302,45 @@ async fn queue_rewritten_in_place_is_read_from_its_start() {
     assert_eq!(server.counters().snapshot().payprotocol_detail_requests, 9);
 }
 
+/// logrotate's `copytruncate` while the daemon is down: the lines written before
+/// the copy are read from the copy (found by its first bytes), then the truncated
+/// file from its start, though it has grown past the old offset again.
+#[tokio::test(flavor = "multi_thread")]
+async fn queue_copytruncated_while_down_loses_no_line() {
+    let server = mock(MockOptions::default()).await;
+    let ws = Workspace::new();
+    std::fs::create_dir(ws.path("inbox")).unwrap();
+    ws.config(&server.payprotocol_base_url(), SECRET, DAEMON);
+    append(&ws, "queue.txt", "A-PAID-1\nA-PAID-2\n");
+    let daemon = start_daemon(&ws, None);
+    wait_for("first lines exported", || latest(&ws.rows()).len() == 2).await;
+    stop_daemon(daemon).await;
+
+    append(&ws, "queue.txt", "B-PAID-1\nB-PAID-2\n");
+    std::fs::copy(ws.path("queue.txt"), ws.path("queue.txt.1")).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(ws.path("queue.txt"))
+        .unwrap()
+        .set_len(0)
+        .unwrap();
+    append(&ws, "queue.txt", "C-PAID-1\nC-PAID-2\nC-PAID-3\n");
+    let daemon = start_daemon(&ws, None);
+    wait_for("copy's tail and new lines exported", || {
+        latest(&ws.rows()).len() == 7
+    })
+    .await;
+    let err = stop_daemon(daemon).await;
+    assert!(
+        err.contains("queue file was rotated; reading the rest"),
+        "{err}"
+    );
+    let rows = ws.rows();
+    assert_no_duplicates(&rows);
+    assert_eq!(rows.len(), 7);
+    assert_eq!(server.counters().snapshot().payprotocol_detail_requests, 7);
+}
+
 /// A second signal ends the daemon at once, even with slow requests in flight;
 /// the state stays usable and a later run finishes the work.
 #[tokio::test(flavor = "multi_thread")]
