@@ -465,6 +465,75 @@ PEERS = [("streams", "4 Python peer (asyncio streams, keep-alive)"),
          ("urllib", "4c Python peer (asyncio + urllib.request in threads)")]
 
 
+# 5. User-space instructions under callgrind (opt-in: --only instr). Two sizes per
+# program; the difference divided by the difference in orders is the marginal cost
+# of one order, without start-up (interpreter, SQLite open, clock calibration).
+INSTR_SIZES = (500, 3000)
+INSTR_CONCURRENCY = 32
+
+
+def callgrind_instructions(argv, cwd, env, name):
+    """Instructions `argv` executes in user space (all threads) under callgrind."""
+    err_path = cwd / f"{name}.stderr"
+    with open(cwd / f"{name}.stdout", "wb") as out, open(err_path, "wb") as err:
+        rc = subprocess.run(["valgrind", "--tool=callgrind",
+                             f"--callgrind-out-file={cwd / (name + '.callgrind')}", *map(str, argv)],
+                            cwd=cwd, env=env, stdout=out, stderr=err,
+                            stdin=subprocess.DEVNULL, timeout=3600).returncode
+    m = re.search(r"Collected : (\d+)", err_path.read_text(errors="replace"))
+    if rc != 0 or not m:
+        raise RuntimeError(f"{name}: callgrind run failed (exit {rc}); see {err_path}")
+    return int(m.group(1))
+
+
+def scenario_instructions(args, tmp, table):
+    """5. paysync and each peer under callgrind at two sizes: marginal instructions per order."""
+    if shutil.which("valgrind") is None:
+        table.add("5 user-space instructions", "valgrind", "not installed: scenario skipped")
+        return
+    lo, hi = INSTR_SIZES
+    print(f"\n[5] user-space instructions under callgrind: {lo} and {hi} orders, "
+          f"concurrency {INSTR_CONCURRENCY}", flush=True)
+    sc = "5 user-space instructions (callgrind)"
+    per_order = {}
+    for prog in ["paysync"] + [c for c, _ in PEERS]:
+        counts = []
+        for n in INSTR_SIZES:
+            wd = tmp / f"instr-{prog}-{n}"
+            wd.mkdir()
+            orders = wd / "orders.csv"
+            write_orders(orders, n, "PAID")
+            with Mock(wd) as mock:
+                if prog == "paysync":
+                    cfg = write_config(wd, mock.addr,
+                                       {"rate_limit": 1e6, "burst": 1000,
+                                        "concurrency": INSTR_CONCURRENCY}, {"wait": "0s"})
+                    argv = [BIN, "run", "--config", cfg, "--input", orders, "--no-progress"]
+                    out = wd / "out"
+                else:
+                    out = wd / "peer.jsonl"
+                    # The interpreter itself (sys.executable), not a launcher script that
+                    # would exec it out of valgrind's sight.
+                    argv = [sys.executable, PEER, "--base-url", f"http://{mock.addr}/api/mer",
+                            "--input", orders, "--output", out,
+                            "--concurrency", INSTR_CONCURRENCY, "--api-key", API_KEY,
+                            "--client", prog]
+                counts.append(callgrind_instructions(argv, wd, child_env(), prog))
+            if prog == "paysync":
+                rows = sum(json.loads(m.read_text())["rows"] for m in out.glob("*.manifest.json"))
+            else:
+                with open(out) as f:
+                    rows = sum(1 for _ in f)
+            if rows != n:
+                raise RuntimeError(f"{prog} under callgrind wrote {rows} of {n} rows; see {wd}")
+        per_order[prog] = (counts[1] - counts[0]) / (hi - lo)
+        label = "paysync" if prog == "paysync" else f"peer {dict(PEERS)[prog].split()[0]} ({prog})"
+        value = f"{per_order[prog] / 1000:.1f}k per order ({counts[0] / 1e6:.0f}M at {lo}, {counts[1] / 1e6:.0f}M at {hi})"
+        if prog != "paysync":
+            value += f"; {per_order[prog] / per_order['paysync']:.1f}x paysync's"
+        table.add(sc, label, value)
+
+
 def scenario_peer(args, tmp, table, paysync_full):
     """4. bench/peer.py (each client) on the same orders, against a fresh mock server."""
     for client, sc in PEERS:
@@ -580,6 +649,13 @@ How each figure is measured:
   standard library's client, used carefully); 4c = urllib.request in asyncio's
   default thread pool, a connection per request (what the standard library offers
   out of the box). The 10x target is checked against each.
+- 5 instructions (only with --only instr; needs valgrind): paysync and each peer
+  run under `valgrind --tool=callgrind` on 500 and on 3,000 PAID orders at
+  concurrency 32, each against a fresh mock. (count at 3,000 - count at 500) / 2,500
+  is the user-space instructions one more order costs, start-up excluded; kernel
+  work is not counted. Instruction counts do not move with the machine's load, so
+  they compare builds and programs where CPU seconds are too noisy. Under valgrind
+  SHA-256 runs in software in both (no SHA extensions), which inflates both sides.
 """
 
 
@@ -597,7 +673,8 @@ def main():
     ap.add_argument("--pending-polls", type=int, default=2)
     ap.add_argument("--confirm-polls", type=int, default=1)
     ap.add_argument("--only", default="quota,cost,settle,peer",
-                    help="comma-separated subset of: quota,cost,settle,peer")
+                    help="comma-separated subset of: quota,cost,settle,peer,instr "
+                         "(instr, under valgrind, is not in the default set)")
     ap.add_argument("--keep", action="store_true", help="keep the temp directory")
     ap.add_argument("--results", default=str(RESULTS), help="Markdown file to write")
     args = ap.parse_args()
@@ -605,7 +682,7 @@ def main():
         args.orders = 20_000
     args.concurrency = [int(x) for x in args.concurrency.split(",") if x.strip()]
     only = {x.strip() for x in args.only.split(",") if x.strip()}
-    unknown = only - {"quota", "cost", "settle", "peer"}
+    unknown = only - {"quota", "cost", "settle", "peer", "instr"}
     if unknown:
         ap.error(f"unknown scenario(s) in --only: {', '.join(sorted(unknown))}")
     if not BIN.exists():
@@ -625,6 +702,8 @@ def main():
             scenario_settle(args, tmp, table)
         if "peer" in only:
             scenario_peer(args, tmp, table, full)
+        if "instr" in only:
+            scenario_instructions(args, tmp, table)
     finally:
         if args.keep:
             print(f"\nkept {tmp}")
