@@ -282,15 +282,6 @@ impl Sources {
                             if !done {
                                 return Ok(new);
                             }
-                            // The old file is read: the position is the new file's now,
-                            // even before it has a line.
-                            let start = QueuePosition {
-                                path: key.clone(),
-                                identity: input::queue_identity(&file, &meta, 0)
-                                    .map_err(open_err)?,
-                                offset: 0,
-                            };
-                            store.add_orders(&d.run_id, &[], d.engine.clock.now(), Some(&start))?;
                         }
                         None if found == IdentityMatch::Other => {
                             tracing::warn!(queue = %key, offset = p.offset, "queue file was rotated and the old file is not in its directory any more; lines appended to it after the last ingest were not read")
@@ -299,6 +290,14 @@ impl Sources {
                             tracing::warn!(queue = %key, offset = p.offset, size = meta.len(), "queue file was truncated or rewritten in place; reading it from the start")
                         }
                     }
+                    // The old file is done with: the position is this file's now,
+                    // even before it has a line (so the above is said once).
+                    let start = QueuePosition {
+                        path: key.clone(),
+                        identity: input::queue_identity(&file, &meta, 0).map_err(open_err)?,
+                        offset: 0,
+                    };
+                    store.add_orders(&d.run_id, &[], d.engine.clock.now(), Some(&start))?;
                     0
                 }
             }

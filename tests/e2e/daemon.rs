@@ -341,6 +341,61 @@ async fn queue_copytruncated_while_down_loses_no_line() {
     assert_eq!(server.counters().snapshot().payprotocol_detail_requests, 7);
 }
 
+/// A queue file emptied in place is reported once, not again at every ingest
+/// while it stays empty, and the lines written to it later are read from its start.
+#[tokio::test(flavor = "multi_thread")]
+async fn emptied_queue_is_reported_once() {
+    use tokio::io::AsyncBufReadExt;
+    let server = mock(MockOptions::default()).await;
+    let ws = Workspace::new();
+    std::fs::create_dir(ws.path("inbox")).unwrap();
+    ws.config(&server.payprotocol_base_url(), SECRET, DAEMON);
+    append(&ws, "queue.txt", "A-PAID-1\nA-PAID-2\n");
+    let mut daemon = start_daemon_with(&ws, None, &[("RUST_LOG", "paysync=debug")]);
+    let log = Arc::new(Mutex::new(String::new()));
+    let reader = {
+        let log = log.clone();
+        let mut lines = tokio::io::BufReader::new(daemon.stderr.take().unwrap()).lines();
+        tokio::spawn(async move {
+            while let Some(line) = lines.next_line().await.unwrap() {
+                let mut log = log.lock().unwrap();
+                log.push_str(&line);
+                log.push('\n');
+            }
+        })
+    };
+    wait_for("first lines exported", || latest(&ws.rows()).len() == 2).await;
+
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(ws.path("queue.txt"))
+        .unwrap()
+        .set_len(0)
+        .unwrap();
+    let warning = "queue file was truncated or rewritten in place";
+    wait_for("the emptied file noticed", || {
+        log.lock().unwrap().contains(warning)
+    })
+    .await;
+    let seen = log.lock().unwrap().len();
+    wait_for("two more ingests of the empty file", || {
+        log.lock().unwrap()[seen..]
+            .matches("ingest found nothing new")
+            .count()
+            >= 2
+    })
+    .await;
+    append(&ws, "queue.txt", "B-PAID-1\n");
+    wait_for("the new line exported", || latest(&ws.rows()).len() == 3).await;
+    sigterm(&daemon);
+    assert_eq!(daemon.wait().await.unwrap().code(), Some(0));
+    reader.await.unwrap();
+    let log = log.lock().unwrap();
+    assert_eq!(log.matches(warning).count(), 1, "{log}");
+    assert_no_duplicates(&ws.rows());
+    assert_eq!(server.counters().snapshot().payprotocol_detail_requests, 3);
+}
+
 /// A second signal ends the daemon at once, even with slow requests in flight;
 /// the state stays usable and a later run finishes the work.
 #[tokio::test(flavor = "multi_thread")]
