@@ -14,10 +14,10 @@
 //! re-reads a line. When the file at the queue path is not the one the position
 //! was saved for (rotated, or truncated or rewritten in place), the old file is
 //! looked for in the same directory, renamed (logrotate's `queue.1` or
-//! `queue-20261123`) or copied (`copytruncate`); its lines after the saved offset
-//! are read, and then the current file from its start. If it is gone, a warning
-//! says so and the current file is read from its start. A trailing line without
-//! `\n` waits until it is complete.
+//! `queue-20261123`), copied (`copytruncate`) or compressed (gzip or zstd); its
+//! lines after the saved offset are read, and then the current file from its
+//! start. If it is gone, a warning says so and the current file is read from its
+//! start. A trailing line without `\n` waits until it is complete.
 //!
 //! Inbox: each `*.csv` in `input.inbox_dir` is ingested once, then moved to
 //! `done/` inside it. A crash mid-file ingests it again at the next run: orders
@@ -35,7 +35,7 @@ use tokio::sync::{Mutex, Notify, watch};
 use tokio_cron_scheduler::{Job, JobScheduler};
 use tokio_util::sync::CancellationToken;
 
-use crate::input::{self, IdentityMatch, InputSpec, RejectsWriter};
+use crate::input::{self, IdentityMatch, InputRecord, InputSpec, QueueRecords, RejectsWriter};
 use crate::model::PayStatus;
 use crate::output::OutputError;
 use crate::pipeline::{Engine, PollUntil, RunError, input_specs, new_run_id};
@@ -77,15 +77,8 @@ pub fn missed_export(cron: &croner::Cron, last: Option<DateTime<Utc>>, now: Date
 /// else a copy of it (same head, as `copytruncate` leaves), at least `offset`
 /// bytes long.
 fn rotated_file(path: &Path, identity: &str, offset: u64) -> Option<(PathBuf, File)> {
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    let candidates: Vec<(PathBuf, File, std::fs::Metadata)> = std::fs::read_dir(dir)
-        .ok()?
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .filter(|p| p != path && std::fs::metadata(p).is_ok_and(|m| m.is_file()))
+    let candidates: Vec<(PathBuf, File, std::fs::Metadata)> = siblings(path)
+        .into_iter()
         .filter_map(|p| {
             let file = File::open(&p).ok()?;
             let meta = file.metadata().ok()?;
@@ -104,6 +97,75 @@ fn rotated_file(path: &Path, identity: &str, offset: u64) -> Option<(PathBuf, Fi
         .into_iter()
         .nth(found)
         .map(|(path, file, _)| (path, file))
+}
+
+/// The regular files in the directory of `path`, other than `path` itself, named
+/// as `path` is (relative when it is).
+fn siblings(path: &Path) -> Vec<PathBuf> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(Result::ok)
+        .map(|e| path.with_file_name(e.file_name()))
+        .filter(|p| p != path && std::fs::metadata(p).is_ok_and(|m| m.is_file()))
+        .collect()
+}
+
+/// The compressed file beside queue file `path` (its rotated self, compressed by
+/// logrotate) whose content starts as the file `identity` names did, as records
+/// from byte `offset` of its content on, if there is one.
+fn compressed_rotated(path: &Path, identity: &str, offset: u64) -> Option<(PathBuf, QueueRecords)> {
+    siblings(path).into_iter().find_map(|p| {
+        let content = input::decompressed(File::open(&p).ok()?).ok()??;
+        if !input::same_head_in(identity, content).unwrap_or(false) {
+            return None;
+        }
+        let records = input::compressed_queue_from(&p, offset).ok()??;
+        Some((p, records))
+    })
+}
+
+/// Registers input records (rejecting those without a usable order number), with
+/// the queue position `pos` in the same transaction. Returns the new orders.
+fn register(
+    d: &Daemon,
+    records: Vec<InputRecord>,
+    pos: Option<&QueuePosition>,
+    rejects: &mut RejectsWriter,
+) -> Result<u64, RunError> {
+    let mut orders = Vec::with_capacity(records.len());
+    for rec in records {
+        match rec.parsed {
+            Ok((order_no, payment_no)) => orders.push(NewOrder {
+                provider: d.engine.kind,
+                order_no,
+                payment_no,
+                input: rec.columns,
+                source: rec.source.to_string(),
+                line: rec.line,
+            }),
+            Err(reason) => rejects
+                .write(&rec.source, rec.line, &reason, &rec.raw)
+                .map_err(|source| OutputError::Write {
+                    path: rejects.path().to_path_buf(),
+                    source,
+                })?,
+        }
+    }
+    let admissions = d
+        .engine
+        .store
+        .add_orders(&d.run_id, &orders, d.engine.clock.now(), pos)?;
+    d.new_work.notify_one();
+    Ok(admissions
+        .iter()
+        .filter(|a| **a == crate::state::Admission::New)
+        .count() as u64)
 }
 
 /// Parses a 6-field cron expression (seconds first), as the config validated it.
@@ -283,12 +345,21 @@ impl Sources {
                                 return Ok(new);
                             }
                         }
-                        None if found == IdentityMatch::Other => {
-                            tracing::warn!(queue = %key, offset = p.offset, "queue file was rotated and the old file is not in its directory any more; lines appended to it after the last ingest were not read")
-                        }
-                        None => {
-                            tracing::warn!(queue = %key, offset = p.offset, size = meta.len(), "queue file was truncated or rewritten in place; reading it from the start")
-                        }
+                        None => match compressed_rotated(path, &p.identity, p.offset) {
+                            Some((old_path, records)) => {
+                                tracing::info!(queue = %key, rotated = %old_path.display(), offset = p.offset, "queue file was rotated and compressed; reading the rest of the old file from the compressed copy, then the new one");
+                                match self.read_compressed(d, records, rejects)? {
+                                    (n, true) => new += n,
+                                    (n, false) => return Ok(new + n),
+                                }
+                            }
+                            None if found == IdentityMatch::Other => {
+                                tracing::warn!(queue = %key, offset = p.offset, "queue file was rotated and the old file is not in its directory any more; lines appended to it after the last ingest were not read")
+                            }
+                            None => {
+                                tracing::warn!(queue = %key, offset = p.offset, size = meta.len(), "queue file was truncated or rewritten in place; reading it from the start")
+                            }
+                        },
                     }
                     // The old file is done with: the position is this file's now,
                     // even before it has a line (so the above is said once).
@@ -306,6 +377,33 @@ impl Sources {
         Ok(new + n)
     }
 
+    /// Registers the records of a compressed rotated queue file, in batches. The
+    /// saved position stays the old file's until all of it is read: a crash or a
+    /// stop reads it again next time, and the orders already registered are known
+    /// by then (none is fetched twice). Returns the new orders and whether the end
+    /// was reached (false when stopping).
+    fn read_compressed(
+        &self,
+        d: &Daemon,
+        mut records: QueueRecords,
+        rejects: &mut RejectsWriter,
+    ) -> Result<(u64, bool), RunError> {
+        let mut new = 0;
+        loop {
+            let batch = records
+                .by_ref()
+                .take(QUEUE_BATCH)
+                .collect::<Result<Vec<_>, _>>()?;
+            if batch.is_empty() {
+                return Ok((new, true));
+            }
+            new += register(d, batch, None, rejects)?;
+            if d.stop.is_cancelled() {
+                return Ok((new, false));
+            }
+        }
+    }
+
     /// Registers the complete lines of queue file `file` (open from `path`) from
     /// `offset` to its end, saving the position under `key`, with the file's
     /// identity, with each batch. Returns the new orders and whether the end was
@@ -319,7 +417,6 @@ impl Sources {
         mut offset: u64,
         rejects: &mut RejectsWriter,
     ) -> Result<(u64, bool), RunError> {
-        let store = &d.engine.store;
         let mut line = None;
         let mut new = 0;
         loop {
@@ -327,37 +424,12 @@ impl Sources {
             if chunk.next_offset == offset && chunk.records.is_empty() {
                 return Ok((new, true));
             }
-            let mut orders = Vec::with_capacity(chunk.records.len());
-            for rec in chunk.records {
-                match rec.parsed {
-                    Ok((order_no, payment_no)) => orders.push(NewOrder {
-                        provider: d.engine.kind,
-                        order_no,
-                        payment_no,
-                        input: rec.columns,
-                        source: rec.source.to_string(),
-                        line: rec.line,
-                    }),
-                    Err(reason) => rejects
-                        .write(&rec.source, rec.line, &reason, &rec.raw)
-                        .map_err(|source| OutputError::Write {
-                            path: rejects.path().to_path_buf(),
-                            source,
-                        })?,
-                }
-            }
             let pos = QueuePosition {
                 path: key.to_owned(),
                 identity: chunk.identity,
                 offset: chunk.next_offset,
             };
-            let admissions =
-                store.add_orders(&d.run_id, &orders, d.engine.clock.now(), Some(&pos))?;
-            new += admissions
-                .iter()
-                .filter(|a| **a == crate::state::Admission::New)
-                .count() as u64;
-            d.new_work.notify_one();
+            new += register(d, chunk.records, Some(&pos), rejects)?;
             offset = chunk.next_offset;
             line = Some(chunk.next_line);
             if chunk.at_end {

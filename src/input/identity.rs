@@ -14,10 +14,11 @@
 //! - [`queue_identity`]: the identity of an open file read up to an offset.
 //! - [`match_identity`] / [`IdentityMatch`]: whether an open file is the one a
 //!   saved identity names.
-//! - [`same_head`]: whether a file starts as the named one did (a copy of it).
+//! - [`same_head`] / [`same_head_in`]: whether a file, or a compressed file's
+//!   content, starts as the named one did (a copy of it).
 
 use std::fs::{File, Metadata};
-use std::io;
+use std::io::{self, Read};
 use std::os::unix::fs::{FileExt, MetadataExt};
 
 use sha2::{Digest, Sha256};
@@ -93,6 +94,18 @@ pub fn same_head(saved: &str, file: &File) -> io::Result<bool> {
         return Ok(false);
     };
     Ok(head_hash(file, n)?.is_some_and(|h| h == hash))
+}
+
+/// Whether the stream `content` (a compressed copy's content) starts with the
+/// bytes `saved` hashed. Reads at most those bytes.
+pub fn same_head_in(saved: &str, content: impl Read) -> io::Result<bool> {
+    let (_, head) = split(saved);
+    let Some((n, hash)) = head else {
+        return Ok(false);
+    };
+    let mut bytes = Vec::new();
+    content.take(n).read_to_end(&mut bytes)?;
+    Ok(bytes.len() as u64 == n && hex::encode(Sha256::digest(&bytes)) == hash)
 }
 
 /// `<dev>:<ino>` and, when present and well-formed, the hashed head's length and
@@ -189,6 +202,10 @@ mod tests {
         assert!(!same_head(&saved, &f).unwrap());
         let (f, _) = file_with(&dir, "short", b"A1\n");
         assert!(!same_head(&saved, &f).unwrap());
+        // The same test on a stream (a compressed copy's content).
+        assert!(same_head_in(&saved, &b"A1\nA2\nA3\n"[..]).unwrap());
+        assert!(!same_head_in(&saved, &b"A1\nA9\n"[..]).unwrap());
+        assert!(!same_head_in(&saved, &b"A1\n"[..]).unwrap());
     }
 
     /// Positions saved before the head hash existed match by device and inode.

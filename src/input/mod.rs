@@ -28,10 +28,12 @@ use std::sync::Arc;
 use crate::model::{InputColumns, InvalidOrderNo, OrderNo};
 
 pub use self::csv::CsvRecords;
-pub use self::identity::{HEAD_BYTES, IdentityMatch, match_identity, queue_identity, same_head};
+pub use self::identity::{
+    HEAD_BYTES, IdentityMatch, match_identity, queue_identity, same_head, same_head_in,
+};
 pub use self::queue::{
-    MAX_QUEUE_LINE, QueueChunk, QueueRecords, read_open_queue, read_queue_from,
-    read_queue_from_line,
+    MAX_QUEUE_LINE, QueueChunk, QueueRecords, compressed_queue_from, decompressed, read_open_queue,
+    read_queue_from, read_queue_from_line,
 };
 pub use self::rejects::{REJECTS_HEADER, RejectsWriter, rejects_file_name};
 

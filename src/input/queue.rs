@@ -9,6 +9,7 @@
 
 use std::fs::File;
 use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -107,29 +108,97 @@ fn queue_record(source: &Arc<str>, line: u64, bytes: &[u8], too_long: bool) -> O
     })
 }
 
-/// The order numbers of a whole queue file, streamed. A last line without `\n`
+/// The order numbers of a whole queue file (or of a compressed one's content from
+/// an offset, see [`compressed_queue_from`]), streamed. A last line without `\n`
 /// counts as a line.
-#[derive(Debug)]
 pub struct QueueRecords {
     path: PathBuf,
     source: Arc<str>,
-    reader: BufReader<File>,
+    reader: BufReader<Box<dyn Read + Send>>,
     buf: Vec<u8>,
     /// Number of the next line to read.
     line: u64,
     done: bool,
 }
 
+impl std::fmt::Debug for QueueRecords {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QueueRecords")
+            .field("path", &self.path)
+            .field("line", &self.line)
+            .field("done", &self.done)
+            .finish_non_exhaustive()
+    }
+}
+
 impl QueueRecords {
     pub(super) fn new(path: &Path, file: File) -> Self {
+        Self::from_content(path, Box::new(file), 1)
+    }
+
+    /// Records of `content`, whose first line is line `first_line` of `path`.
+    fn from_content(path: &Path, content: Box<dyn Read + Send>, first_line: u64) -> Self {
         Self {
             path: path.to_owned(),
             source: Arc::from(path.display().to_string()),
-            reader: BufReader::with_capacity(64 * 1024, file),
+            reader: BufReader::with_capacity(64 * 1024, content),
             buf: Vec::new(),
-            line: 1,
+            line: first_line,
             done: false,
         }
+    }
+}
+
+/// The content of a gzip or zstd file (known by its first bytes, whatever its
+/// name), decompressed as it is read; `None` for a file in neither format.
+pub fn decompressed(file: File) -> io::Result<Option<Box<dyn Read + Send>>> {
+    let mut magic = [0u8; 4];
+    let n = file.read_at(&mut magic, 0)?;
+    Ok(match &magic[..n] {
+        [0x1f, 0x8b, ..] => Some(Box::new(flate2::read::MultiGzDecoder::new(file))),
+        [0x28, 0xb5, 0x2f, 0xfd] => Some(Box::new(zstd::stream::read::Decoder::new(file)?)),
+        _ => None,
+    })
+}
+
+/// The lines of compressed queue file `path` (a rotated queue file compressed by
+/// logrotate) after byte `offset` of its content, numbered on from the lines
+/// before it. The file is complete, so a last line without `\n` is read too.
+/// `None` when the file is not compressed or its content is shorter than `offset`.
+pub fn compressed_queue_from(path: &Path, offset: u64) -> Result<Option<QueueRecords>, InputError> {
+    let read_err = |line, source| InputError::Read {
+        path: path.to_owned(),
+        line,
+        source,
+    };
+    let Some(mut content) = decompressed(open_file(path)?).map_err(|e| read_err(1, e))? else {
+        return Ok(None);
+    };
+    let mut before = LineCounter::default();
+    let skipped =
+        io::copy(&mut content.by_ref().take(offset), &mut before).map_err(|e| read_err(1, e))?;
+    if skipped < offset {
+        return Ok(None);
+    }
+    Ok(Some(QueueRecords::from_content(
+        path,
+        content,
+        1 + before.0,
+    )))
+}
+
+/// A sink that counts the `\n` bytes written to it.
+#[derive(Default)]
+struct LineCounter(u64);
+
+impl io::Write for LineCounter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0 += buf.iter().filter(|&&b| b == b'\n').count() as u64;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
     }
 }
 
@@ -319,6 +388,53 @@ mod tests {
                 Err(e) => (r.line, format!("reject: {e}")),
             })
             .collect()
+    }
+
+    fn gzip(bytes: &[u8]) -> Vec<u8> {
+        let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        enc.write_all(bytes).unwrap();
+        enc.finish().unwrap()
+    }
+
+    /// A compressed rotated file (gzip or zstd, known by its magic bytes whatever
+    /// its name) is read from an offset of its content, with absolute line numbers
+    /// and its last line even without `\n`.
+    #[test]
+    fn compressed_files_are_read_from_an_offset() {
+        let text = b"A1\n# note\nA2\nA 3\nA4";
+        for (name, bytes) in [
+            ("q.1.gz", gzip(text)),
+            ("q.1.zst", zstd::encode_all(&text[..], 3).unwrap()),
+            ("q.1", gzip(text)),
+        ] {
+            let (_dir, path) = write_file(name, &bytes);
+            let recs: Vec<InputRecord> = compressed_queue_from(&path, 3)
+                .unwrap()
+                .unwrap()
+                .collect::<Result<_, _>>()
+                .unwrap();
+            assert_eq!(
+                orders(&recs),
+                vec![
+                    (3, "A2".into()),
+                    (4, "reject: order number contains whitespace".into()),
+                    (5, "A4".into())
+                ],
+                "{name}"
+            );
+            assert_eq!(&*recs[0].source, path.display().to_string(), "{name}");
+            // Content shorter than the offset: not the file the offset is for.
+            assert!(compressed_queue_from(&path, 100).unwrap().is_none());
+            // Same head, as the identity check reads it.
+            let content = decompressed(File::open(&path).unwrap()).unwrap().unwrap();
+            let mut head = Vec::new();
+            content.take(5).read_to_end(&mut head).unwrap();
+            assert_eq!(head, b"A1\n# ");
+        }
+        let (_dir, plain) = write_file("q.1", text);
+        assert!(compressed_queue_from(&plain, 0).unwrap().is_none());
+        let (_dir, tiny) = write_file("q.1", b"\x1f");
+        assert!(compressed_queue_from(&tiny, 0).unwrap().is_none());
     }
 
     fn read_all(bytes: &[u8]) -> Vec<InputRecord> {

@@ -7,7 +7,7 @@ use std::os::unix::process::ExitStatusExt;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use paysync::mock::MockOptions;
+use paysync::mock::{MockOptions, MockServer};
 use tokio::net::UnixDatagram;
 
 use crate::util::*;
@@ -92,6 +92,20 @@ async fn stop_daemon(mut daemon: tokio::process::Child) -> String {
         .unwrap();
     assert_eq!(daemon.wait().await.unwrap().code(), Some(0), "{err}");
     err
+}
+
+/// A mock server and a daemon workspace whose `queue.txt` held `lines`, which a
+/// daemon read, exported (`rows` orders) and stopped.
+async fn queue_read_then_stopped(lines: &str, rows: usize) -> (MockServer, Workspace) {
+    let server = mock(MockOptions::default()).await;
+    let ws = Workspace::new();
+    std::fs::create_dir(ws.path("inbox")).unwrap();
+    ws.config(&server.payprotocol_base_url(), SECRET, DAEMON);
+    append(&ws, "queue.txt", lines);
+    let daemon = start_daemon(&ws, None);
+    wait_for("first lines exported", || latest(&ws.rows()).len() == rows).await;
+    stop_daemon(daemon).await;
+    (server, ws)
 }
 
 fn start_daemon(ws: &Workspace, notify: Option<&Notifications>) -> tokio::process::Child {
@@ -307,14 +321,7 @@ async fn queue_rewritten_in_place_is_read_from_its_start() {
 /// file from its start, though it has grown past the old offset again.
 #[tokio::test(flavor = "multi_thread")]
 async fn queue_copytruncated_while_down_loses_no_line() {
-    let server = mock(MockOptions::default()).await;
-    let ws = Workspace::new();
-    std::fs::create_dir(ws.path("inbox")).unwrap();
-    ws.config(&server.payprotocol_base_url(), SECRET, DAEMON);
-    append(&ws, "queue.txt", "A-PAID-1\nA-PAID-2\n");
-    let daemon = start_daemon(&ws, None);
-    wait_for("first lines exported", || latest(&ws.rows()).len() == 2).await;
-    stop_daemon(daemon).await;
+    let (server, ws) = queue_read_then_stopped("A-PAID-1\nA-PAID-2\n", 2).await;
 
     append(&ws, "queue.txt", "B-PAID-1\nB-PAID-2\n");
     std::fs::copy(ws.path("queue.txt"), ws.path("queue.txt.1")).unwrap();
@@ -339,6 +346,51 @@ async fn queue_copytruncated_while_down_loses_no_line() {
     assert_no_duplicates(&rows);
     assert_eq!(rows.len(), 7);
     assert_eq!(server.counters().snapshot().payprotocol_detail_requests, 7);
+}
+
+/// logrotate's `compress` without `delaycompress` while the daemon is down: the
+/// rotated file is only there gzip-compressed, and its unread lines are read from
+/// the compressed copy before the new file.
+#[tokio::test(flavor = "multi_thread")]
+async fn queue_rotated_and_compressed_while_down_loses_no_line() {
+    let (server, ws) = queue_read_then_stopped("A-PAID-1\nA-PAID-2\n", 2).await;
+
+    append(&ws, "queue.txt", "B-PAID-1\nbad line\nB-PAID-2\n");
+    let old = std::fs::read(ws.path("queue.txt")).unwrap();
+    std::fs::remove_file(ws.path("queue.txt")).unwrap();
+    let mut gz = flate2::write::GzEncoder::new(
+        std::fs::File::create(ws.path("queue.txt.1.gz")).unwrap(),
+        flate2::Compression::default(),
+    );
+    gz.write_all(&old).unwrap();
+    gz.finish().unwrap();
+    append(&ws, "queue.txt", "C-PAID-1\n");
+
+    let daemon = start_daemon(&ws, None);
+    wait_for("compressed tail and new file exported", || {
+        latest(&ws.rows()).len() == 5
+    })
+    .await;
+    let err = stop_daemon(daemon).await;
+    assert!(err.contains("rotated and compressed"), "{err}");
+    let rows = ws.rows();
+    assert_no_duplicates(&rows);
+    assert_eq!(rows.len(), 5);
+    assert_eq!(server.counters().snapshot().payprotocol_detail_requests, 5);
+    // The bad line is rejected with its line number in the rotated file.
+    let rejects: String = ws
+        .out_files()
+        .into_iter()
+        .filter(|f| f.starts_with("rejects-"))
+        .map(|f| std::fs::read_to_string(ws.path("out").join(f)).unwrap())
+        .collect();
+    // The queue path is relative in the config; the rotated file is named beside it.
+    assert!(
+        rejects
+            .lines()
+            .any(|l| l.starts_with("queue.txt.1.gz,4,") && l.ends_with(",bad line")),
+        "{rejects}"
+    );
 }
 
 /// A queue file emptied in place is reported once, not again at every ingest
@@ -526,14 +578,7 @@ async fn export_missed_while_down_runs_at_start() {
 /// the rotated file is gone too, the daemon says that its tail was not read.
 #[tokio::test(flavor = "multi_thread")]
 async fn queue_rotated_while_down_loses_no_line() {
-    let server = mock(MockOptions::default()).await;
-    let ws = Workspace::new();
-    std::fs::create_dir(ws.path("inbox")).unwrap();
-    ws.config(&server.payprotocol_base_url(), SECRET, DAEMON);
-    append(&ws, "queue.txt", "A-PAID-1\nA-PAID-2\n");
-    let daemon = start_daemon(&ws, None);
-    wait_for("first lines exported", || latest(&ws.rows()).len() == 2).await;
-    stop_daemon(daemon).await;
+    let (server, ws) = queue_read_then_stopped("A-PAID-1\nA-PAID-2\n", 2).await;
 
     // Down: two more lines, then logrotate's rename and a new file.
     append(&ws, "queue.txt", "B-PAID-1\nB-PAID-2\n");
