@@ -333,8 +333,8 @@ impl Sources {
                 } else {
                     // Not the file the offset was saved for (rotated, or truncated
                     // or rewritten in place): finish that file first if it is still
-                    // beside this one, renamed or copied, then read this one from
-                    // its start.
+                    // beside this one, renamed, copied or compressed, then read this
+                    // one from its start.
                     match rotated_file(path, &p.identity, p.offset) {
                         Some((old_path, old)) => {
                             tracing::info!(queue = %key, rotated = %old_path.display(), offset = p.offset, "queue file was rotated; reading the rest of the old file, then the new one");
