@@ -289,8 +289,23 @@ async fn status(args: StatusArgs) -> anyhow::Result<()> {
         Ok(store.status_report(10)?)
     })
     .await??;
+    let queue_files: Vec<paysync::input::QueueBacklog> = report
+        .queue_positions
+        .iter()
+        .map(|q| paysync::input::queue_backlog(&q.path, &q.identity, q.offset))
+        .collect();
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        #[derive(serde::Serialize)]
+        struct Status<'a> {
+            #[serde(flatten)]
+            report: &'a paysync::state::StatusReport,
+            queue_files: &'a [paysync::input::QueueBacklog],
+        }
+        let status = Status {
+            report: &report,
+            queue_files: &queue_files,
+        };
+        println!("{}", serde_json::to_string_pretty(&status)?);
         return Ok(());
     }
     println!("orders by status:");
@@ -313,6 +328,28 @@ async fn status(args: StatusArgs) -> anyhow::Result<()> {
         None => println!("oldest unsettled: none"),
     }
     println!("rows not yet exported: {}", report.unexported_rows);
+    if !queue_files.is_empty() {
+        println!("queue files:");
+    }
+    for q in &queue_files {
+        match q.file {
+            "current" => println!(
+                "  {}: read to byte {} of {}, {} bytes unread",
+                q.path,
+                q.offset,
+                q.size.unwrap_or_default(),
+                q.unread_bytes
+            ),
+            "replaced" => println!(
+                "  {}: replaced since the last ingest (rotated or rewritten); the next ingest finishes the old file if it is found, then reads {} bytes",
+                q.path, q.unread_bytes
+            ),
+            _ => println!(
+                "  {}: missing (read to byte {} of the file that was there)",
+                q.path, q.offset
+            ),
+        }
+    }
     println!("last runs:");
     for r in &report.last_runs {
         println!(

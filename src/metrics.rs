@@ -1,7 +1,8 @@
 //! Daemon metrics in the Prometheus text format, served on `metrics.listen`
 //! (off by default): request counters from the transport, orders by status and
-//! tracking state, the oldest unsettled order's age, rows waiting for export, and
-//! the last export time. The format is a handful of lines, written directly.
+//! tracking state, the oldest unsettled order's age, rows waiting for export, the
+//! bytes of each queue file not read yet, and the last export time. The format is a
+//! handful of lines, written directly.
 
 use std::fmt::Write as _;
 use std::future::Future;
@@ -89,6 +90,20 @@ pub fn render(
         "# HELP paysync_unexported_rows Observation rows waiting for the next export.\n# TYPE paysync_unexported_rows gauge\npaysync_unexported_rows {}",
         report.unexported_rows
     );
+    let _ = writeln!(
+        out,
+        "# HELP paysync_queue_unread_bytes Bytes of each queue file the next ingest will read (all of a replaced file).\n# TYPE paysync_queue_unread_bytes gauge"
+    );
+    for q in &report.queue_positions {
+        let b = crate::input::queue_backlog(&q.path, &q.identity, q.offset);
+        let _ = writeln!(
+            out,
+            "paysync_queue_unread_bytes{{path=\"{}\",file=\"{}\"}} {}",
+            label_value(&b.path),
+            b.file,
+            b.unread_bytes
+        );
+    }
     let last = last_export
         .map(|t| t.timestamp_millis() as f64 / 1000.0)
         .unwrap_or(0.0);
@@ -97,6 +112,13 @@ pub fn render(
         "# HELP paysync_last_export_timestamp_seconds Unix time of the last committed export (0 if none).\n# TYPE paysync_last_export_timestamp_seconds gauge\npaysync_last_export_timestamp_seconds {last}"
     );
     out
+}
+
+/// A label value in the exposition format: backslash, quote and newline escaped.
+fn label_value(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }
 
 async fn scrape(State(src): State<Sources>) -> impl IntoResponse {
@@ -133,4 +155,55 @@ pub async fn serve(
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::QueuePosition;
+
+    /// Queue files are reported with escaped label values; one that is not there
+    /// any more reads as missing with nothing to read.
+    #[test]
+    fn queue_backlog_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let odd = dir.path().join("q \"1\"\\x.txt");
+        std::fs::write(&odd, b"A1\nA2\n").unwrap();
+        let file = std::fs::File::open(&odd).unwrap();
+        let meta = file.metadata().unwrap();
+        let identity = crate::input::queue_identity(&file, &meta, 3).unwrap();
+        let report = StatusReport {
+            provider: None,
+            by_status: Vec::new(),
+            oldest_unsettled: None,
+            unexported_rows: 0,
+            last_runs: Vec::new(),
+            queue_positions: vec![
+                QueuePosition {
+                    path: odd.display().to_string(),
+                    identity,
+                    offset: 3,
+                },
+                QueuePosition {
+                    path: dir.path().join("gone.txt").display().to_string(),
+                    identity: "1:2".into(),
+                    offset: 9,
+                },
+            ],
+        };
+        let text = render(&Stats::default(), &report, None, chrono::Utc::now());
+        let dir = dir.path().display();
+        assert!(
+            text.contains(&format!(
+                "paysync_queue_unread_bytes{{path=\"{dir}/q \\\"1\\\"\\\\x.txt\",file=\"current\"}} 3\n"
+            )),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!(
+                "paysync_queue_unread_bytes{{path=\"{dir}/gone.txt\",file=\"missing\"}} 0\n"
+            )),
+            "{text}"
+        );
+    }
 }

@@ -16,6 +16,8 @@
 //!   saved identity names.
 //! - [`same_head`] / [`same_head_in`]: whether a file, or a compressed file's
 //!   content, starts as the named one did (a copy of it).
+//! - [`queue_backlog`] / [`QueueBacklog`]: how far a queue file on disk is ahead of
+//!   its saved position (`paysync status`, metrics).
 
 use std::fs::{File, Metadata};
 use std::io::{self, Read};
@@ -106,6 +108,53 @@ pub fn same_head_in(saved: &str, content: impl Read) -> io::Result<bool> {
     let mut bytes = Vec::new();
     content.take(n).read_to_end(&mut bytes)?;
     Ok(bytes.len() as u64 == n && hex::encode(Sha256::digest(&bytes)) == hash)
+}
+
+/// How a queue file on disk stands against its saved read position.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct QueueBacklog {
+    pub path: String,
+    /// Bytes read (the saved offset).
+    pub offset: u64,
+    /// `current`: the position is this file's; `replaced`: the file at the path is
+    /// another one now (rotated, rewritten), read from its start at the next
+    /// ingest; `missing`: nothing at the path.
+    pub file: &'static str,
+    /// The file's size now, if it exists.
+    pub size: Option<u64>,
+    /// Bytes the next ingest will read from the file at the path (complete lines
+    /// and a trailing partial one); for a replaced file, all of it. The unread
+    /// tail of a rotated file is not counted.
+    pub unread_bytes: u64,
+}
+
+/// Where the queue file at `path` stands against a position saved at `offset`
+/// under `identity`.
+pub fn queue_backlog(path: &str, identity: &str, offset: u64) -> QueueBacklog {
+    let mut b = QueueBacklog {
+        path: path.to_owned(),
+        offset,
+        file: "missing",
+        size: None,
+        unread_bytes: 0,
+    };
+    let Ok(file) = File::open(path) else {
+        return b;
+    };
+    let Ok(meta) = file.metadata() else {
+        return b;
+    };
+    let size = meta.len();
+    b.size = Some(size);
+    let same = match_identity(identity, &file, &meta).is_ok_and(|m| m == IdentityMatch::Same);
+    if same && offset <= size {
+        b.file = "current";
+        b.unread_bytes = size - offset;
+    } else {
+        b.file = "replaced";
+        b.unread_bytes = size;
+    }
+    b
 }
 
 /// `<dev>:<ino>` and, when present and well-formed, the hashed head's length and
@@ -206,6 +255,24 @@ mod tests {
         assert!(same_head_in(&saved, &b"A1\nA2\nA3\n"[..]).unwrap());
         assert!(!same_head_in(&saved, &b"A1\nA9\n"[..]).unwrap());
         assert!(!same_head_in(&saved, &b"A1\n"[..]).unwrap());
+    }
+
+    #[test]
+    fn backlog_of_current_replaced_and_missing_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let (f, m) = file_with(&dir, "q", b"A1\nA2\n");
+        let path = dir.path().join("q");
+        let p = path.to_str().unwrap();
+        let saved = queue_identity(&f, &m, 3).unwrap();
+        let b = queue_backlog(p, &saved, 3);
+        assert_eq!((b.file, b.size, b.unread_bytes), ("current", Some(6), 3));
+        std::fs::write(&path, b"B1\nB2\nB3\n").unwrap();
+        let b = queue_backlog(p, &saved, 3);
+        assert_eq!((b.file, b.size, b.unread_bytes), ("replaced", Some(9), 9));
+        std::fs::remove_file(&path).unwrap();
+        let b = queue_backlog(p, &saved, 3);
+        assert_eq!((b.file, b.size, b.unread_bytes), ("missing", None, 0));
+        assert_eq!(b.offset, 3);
     }
 
     /// Positions saved before the head hash existed match by device and inode.

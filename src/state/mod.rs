@@ -183,6 +183,11 @@ pub struct StatusReport {
     /// not committed (it failed, or runs right now).
     pub unexported_rows: u64,
     pub last_runs: Vec<RunRecord>,
+    /// The saved read positions of queue files, by path. Not serialized: what a
+    /// reader wants is how far behind the file on disk they are (see
+    /// `crate::input::queue_backlog`).
+    #[serde(skip)]
+    pub queue_positions: Vec<QueuePosition>,
 }
 
 #[derive(Debug, Clone, Serialize)]

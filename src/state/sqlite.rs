@@ -1023,12 +1023,26 @@ impl StateStore for SqliteStore {
                 });
             }
 
+            let mut queue_positions = Vec::new();
+            let mut stmt = tx.prepare_cached(
+                "SELECT path, identity, offset FROM queue_positions ORDER BY path",
+            )?;
+            let mut rows = stmt.query([])?;
+            while let Some(r) = rows.next()? {
+                queue_positions.push(QueuePosition {
+                    path: r.get(0)?,
+                    identity: r.get(1)?,
+                    offset: parse_u64("queue offset", r.get(2)?)?,
+                });
+            }
+
             Ok(StatusReport {
                 provider,
                 by_status,
                 oldest_unsettled,
                 unexported_rows: parse_u64("count", unexported)?,
                 last_runs: runs,
+                queue_positions,
             })
         })
     }

@@ -108,6 +108,18 @@ async fn queue_read_then_stopped(lines: &str, rows: usize) -> (MockServer, Works
     (server, ws)
 }
 
+/// `paysync status --json`'s `queue_files`.
+async fn queue_files(ws: &Workspace) -> Vec<serde_json::Value> {
+    let out = ws
+        .command(&["status", "--config", "config.toml", "--json"])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    status["queue_files"].as_array().unwrap().clone()
+}
+
 fn start_daemon(ws: &Workspace, notify: Option<&Notifications>) -> tokio::process::Child {
     start_daemon_with(ws, notify, &[])
 }
@@ -207,6 +219,8 @@ async fn daemon_ingests_settles_exports_and_stops_cleanly() {
         "paysync_orders{status=\"paid\",tracking=\"settled\"}",
         "paysync_oldest_unsettled_age_seconds",
         "paysync_last_export_timestamp_seconds",
+        // Every complete line was read (the file ends with one).
+        "paysync_queue_unread_bytes{path=\"queue.txt\",file=\"current\"} 0",
     ] {
         assert!(metrics.contains(name), "{name} missing in:\n{metrics}");
     }
@@ -253,7 +267,16 @@ async fn restart_resumes_queue_offset_and_handles_truncation() {
     assert_eq!(daemon.wait().await.unwrap().code(), Some(0));
 
     let second: Vec<String> = (0..3).map(|i| format!("R-PAID-{i}")).collect();
-    append(&ws, "queue.txt", &format!("{}\n", second.join("\n")));
+    let appended = format!("{}\n", second.join("\n"));
+    append(&ws, "queue.txt", &appended);
+    // `status` shows what the next ingest will read.
+    let size = std::fs::metadata(ws.path("queue.txt")).unwrap().len();
+    let queue = &queue_files(&ws).await[0];
+    assert_eq!(queue["path"], "queue.txt");
+    assert_eq!(queue["file"], "current");
+    assert_eq!(queue["size"], size);
+    assert_eq!(queue["offset"], size - appended.len() as u64);
+    assert_eq!(queue["unread_bytes"], appended.len() as u64);
     let mut daemon = start_daemon(&ws, None);
     wait_for("second batch exported", || latest(&ws.rows()).len() == 8).await;
     // Each order was fetched once: the restart did not re-read the first lines.
@@ -584,6 +607,9 @@ async fn queue_rotated_while_down_loses_no_line() {
     append(&ws, "queue.txt", "B-PAID-1\nB-PAID-2\n");
     std::fs::rename(ws.path("queue.txt"), ws.path("queue.txt.1")).unwrap();
     append(&ws, "queue.txt", "C-PAID-1\n");
+    let queue = &queue_files(&ws).await[0];
+    assert_eq!(queue["file"], "replaced");
+    assert_eq!(queue["unread_bytes"], "C-PAID-1\n".len());
     let daemon = start_daemon(&ws, None);
     wait_for("old tail and new file exported", || {
         latest(&ws.rows()).len() == 5
