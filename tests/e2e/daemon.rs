@@ -108,6 +108,26 @@ async fn queue_read_then_stopped(lines: &str, rows: usize) -> (MockServer, Works
     (server, ws)
 }
 
+/// Starts the daemon on `ws`, waits until `orders` orders are exported, stops it,
+/// and checks that its log says `said`, that no row is written twice and that each
+/// order was fetched once.
+async fn run_until_exported(server: &MockServer, ws: &Workspace, orders: usize, said: &str) {
+    let daemon = start_daemon(ws, None);
+    wait_for(&format!("{orders} orders exported"), || {
+        latest(&ws.rows()).len() == orders
+    })
+    .await;
+    let err = stop_daemon(daemon).await;
+    assert!(err.contains(said), "{said:?} not in:\n{err}");
+    let rows = ws.rows();
+    assert_no_duplicates(&rows);
+    assert_eq!(rows.len(), orders);
+    assert_eq!(
+        server.counters().snapshot().payprotocol_detail_requests,
+        orders as u64
+    );
+}
+
 /// `paysync status --json`'s `queue_files`.
 async fn queue_files(ws: &Workspace) -> Vec<serde_json::Value> {
     let out = ws
@@ -355,20 +375,7 @@ async fn queue_copytruncated_while_down_loses_no_line() {
         .set_len(0)
         .unwrap();
     append(&ws, "queue.txt", "C-PAID-1\nC-PAID-2\nC-PAID-3\n");
-    let daemon = start_daemon(&ws, None);
-    wait_for("copy's tail and new lines exported", || {
-        latest(&ws.rows()).len() == 7
-    })
-    .await;
-    let err = stop_daemon(daemon).await;
-    assert!(
-        err.contains("queue file was rotated; reading the rest"),
-        "{err}"
-    );
-    let rows = ws.rows();
-    assert_no_duplicates(&rows);
-    assert_eq!(rows.len(), 7);
-    assert_eq!(server.counters().snapshot().payprotocol_detail_requests, 7);
+    run_until_exported(&server, &ws, 7, "queue file was rotated; reading the rest").await;
 }
 
 /// logrotate's `compress` without `delaycompress` while the daemon is down: the
@@ -389,17 +396,7 @@ async fn queue_rotated_and_compressed_while_down_loses_no_line() {
     gz.finish().unwrap();
     append(&ws, "queue.txt", "C-PAID-1\n");
 
-    let daemon = start_daemon(&ws, None);
-    wait_for("compressed tail and new file exported", || {
-        latest(&ws.rows()).len() == 5
-    })
-    .await;
-    let err = stop_daemon(daemon).await;
-    assert!(err.contains("rotated and compressed"), "{err}");
-    let rows = ws.rows();
-    assert_no_duplicates(&rows);
-    assert_eq!(rows.len(), 5);
-    assert_eq!(server.counters().snapshot().payprotocol_detail_requests, 5);
+    run_until_exported(&server, &ws, 5, "rotated and compressed").await;
     // The bad line is rejected with its line number in the rotated file.
     let rejects: String = ws
         .out_files()
@@ -632,20 +629,8 @@ async fn queue_rotated_while_down_loses_no_line() {
     std::fs::rename(ws.path("queue.txt"), ws.path("queue.txt.2")).unwrap();
     append(&ws, "queue.txt", "E-PAID-1\n");
     std::fs::remove_file(ws.path("queue.txt.2")).unwrap();
-    let daemon = start_daemon(&ws, None);
-    wait_for("newest file exported", || {
-        latest(&ws.rows()).contains_key("E-PAID-1")
-    })
-    .await;
-    let err = stop_daemon(daemon).await;
-    assert!(
-        err.contains("old file is not in its directory any more"),
-        "{err}"
-    );
-    let rows = ws.rows();
-    assert_no_duplicates(&rows);
-    assert_eq!(rows.len(), 7);
-    assert_eq!(server.counters().snapshot().payprotocol_detail_requests, 7);
+    run_until_exported(&server, &ws, 7, "old file is not in its directory any more").await;
+    assert!(!latest(&ws.rows()).contains_key("D-PAID-lost"));
 }
 
 /// A job never overlaps a still-running instance of itself: while an inbox file is
