@@ -289,6 +289,7 @@ async fn status(args: StatusArgs) -> anyhow::Result<()> {
         Ok(store.status_report(10)?)
     })
     .await??;
+    use paysync::input::QueueFileState;
     let queue_files: Vec<paysync::input::QueueBacklog> = report
         .queue_positions
         .iter()
@@ -333,18 +334,18 @@ async fn status(args: StatusArgs) -> anyhow::Result<()> {
     }
     for q in &queue_files {
         match q.file {
-            "current" => println!(
+            QueueFileState::Current => println!(
                 "  {}: read to byte {} of {}, {} bytes unread",
                 q.path,
                 q.offset,
                 q.size.unwrap_or_default(),
                 q.unread_bytes
             ),
-            "replaced" => println!(
+            QueueFileState::Replaced => println!(
                 "  {}: replaced since the last ingest (rotated or rewritten); the next ingest finishes the old file if it is found, then reads {} bytes",
                 q.path, q.unread_bytes
             ),
-            _ => println!(
+            QueueFileState::Missing => println!(
                 "  {}: missing (read to byte {} of the file that was there)",
                 q.path, q.offset
             ),

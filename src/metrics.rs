@@ -100,7 +100,7 @@ pub fn render(
             out,
             "paysync_queue_unread_bytes{{path=\"{}\",file=\"{}\"}} {}",
             label_value(&b.path),
-            b.file,
+            b.file.as_str(),
             b.unread_bytes
         );
     }

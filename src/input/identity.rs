@@ -116,10 +116,7 @@ pub struct QueueBacklog {
     pub path: String,
     /// Bytes read (the saved offset).
     pub offset: u64,
-    /// `current`: the position is this file's; `replaced`: the file at the path is
-    /// another one now (rotated, rewritten), read from its start at the next
-    /// ingest; `missing`: nothing at the path.
-    pub file: &'static str,
+    pub file: QueueFileState,
     /// The file's size now, if it exists.
     pub size: Option<u64>,
     /// Bytes the next ingest will read from the file at the path (complete lines
@@ -128,13 +125,36 @@ pub struct QueueBacklog {
     pub unread_bytes: u64,
 }
 
+/// Whether the file at a queue path is the one its saved position belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum QueueFileState {
+    /// The position is this file's.
+    Current,
+    /// The file at the path is another one now (rotated, truncated or rewritten):
+    /// the next ingest reads it from its start.
+    Replaced,
+    /// Nothing at the path.
+    Missing,
+}
+
+impl QueueFileState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            QueueFileState::Current => "current",
+            QueueFileState::Replaced => "replaced",
+            QueueFileState::Missing => "missing",
+        }
+    }
+}
+
 /// Where the queue file at `path` stands against a position saved at `offset`
 /// under `identity`.
 pub fn queue_backlog(path: &str, identity: &str, offset: u64) -> QueueBacklog {
     let mut b = QueueBacklog {
         path: path.to_owned(),
         offset,
-        file: "missing",
+        file: QueueFileState::Missing,
         size: None,
         unread_bytes: 0,
     };
@@ -148,10 +168,10 @@ pub fn queue_backlog(path: &str, identity: &str, offset: u64) -> QueueBacklog {
     b.size = Some(size);
     let same = match_identity(identity, &file, &meta).is_ok_and(|m| m == IdentityMatch::Same);
     if same && offset <= size {
-        b.file = "current";
+        b.file = QueueFileState::Current;
         b.unread_bytes = size - offset;
     } else {
-        b.file = "replaced";
+        b.file = QueueFileState::Replaced;
         b.unread_bytes = size;
     }
     b
@@ -265,13 +285,22 @@ mod tests {
         let p = path.to_str().unwrap();
         let saved = queue_identity(&f, &m, 3).unwrap();
         let b = queue_backlog(p, &saved, 3);
-        assert_eq!((b.file, b.size, b.unread_bytes), ("current", Some(6), 3));
+        assert_eq!(
+            (b.file, b.size, b.unread_bytes),
+            (QueueFileState::Current, Some(6), 3)
+        );
         std::fs::write(&path, b"B1\nB2\nB3\n").unwrap();
         let b = queue_backlog(p, &saved, 3);
-        assert_eq!((b.file, b.size, b.unread_bytes), ("replaced", Some(9), 9));
+        assert_eq!(
+            (b.file, b.size, b.unread_bytes),
+            (QueueFileState::Replaced, Some(9), 9)
+        );
         std::fs::remove_file(&path).unwrap();
         let b = queue_backlog(p, &saved, 3);
-        assert_eq!((b.file, b.size, b.unread_bytes), ("missing", None, 0));
+        assert_eq!(
+            (b.file, b.size, b.unread_bytes),
+            (QueueFileState::Missing, None, 0)
+        );
         assert_eq!(b.offset, 3);
     }
 

@@ -29,8 +29,8 @@ use crate::model::{InputColumns, InvalidOrderNo, OrderNo};
 
 pub use self::csv::CsvRecords;
 pub use self::identity::{
-    HEAD_BYTES, IdentityMatch, QueueBacklog, match_identity, queue_backlog, queue_identity,
-    same_head, same_head_in,
+    HEAD_BYTES, IdentityMatch, QueueBacklog, QueueFileState, match_identity, queue_backlog,
+    queue_identity, same_head, same_head_in,
 };
 pub use self::queue::{
     MAX_QUEUE_LINE, QueueChunk, QueueRecords, compressed_queue_from, decompressed, read_open_queue,
