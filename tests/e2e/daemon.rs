@@ -321,19 +321,8 @@ async fn restart_resumes_queue_offset_and_handles_truncation() {
 /// read from its start: no new line is skipped for sitting below the old offset.
 #[tokio::test(flavor = "multi_thread")]
 async fn queue_rewritten_in_place_is_read_from_its_start() {
-    let server = mock(MockOptions::default()).await;
-    let ws = Workspace::new();
-    std::fs::create_dir(ws.path("inbox")).unwrap();
-    ws.config(&server.payprotocol_base_url(), SECRET, DAEMON);
-    append(
-        &ws,
-        "queue.txt",
-        &format!("{}\n", numbered("PAID", 3).join("\n")),
-    );
-    let mut daemon = start_daemon(&ws, None);
-    wait_for("first lines exported", || latest(&ws.rows()).len() == 3).await;
-    sigterm(&daemon);
-    assert_eq!(daemon.wait().await.unwrap().code(), Some(0));
+    let first = format!("{}\n", numbered("PAID", 3).join("\n"));
+    let (server, ws) = queue_read_then_stopped(&first, 3).await;
 
     let queue = ws.path("queue.txt");
     let (inode, saved_offset) = {
@@ -346,17 +335,17 @@ async fn queue_rewritten_in_place_is_read_from_its_start() {
     std::fs::write(&queue, text).unwrap();
     assert_eq!(std::fs::metadata(&queue).unwrap().ino(), inode);
 
-    let mut daemon = start_daemon(&ws, None);
-    wait_for("rewritten queue exported", || latest(&ws.rows()).len() == 9).await;
-    sigterm(&daemon);
-    assert_eq!(daemon.wait().await.unwrap().code(), Some(0));
-    let rows = ws.rows();
-    assert_no_duplicates(&rows);
-    let latest = latest(&rows);
+    run_until_exported(
+        &server,
+        &ws,
+        9,
+        "queue file was truncated or rewritten in place",
+    )
+    .await;
+    let latest = latest(&ws.rows());
     for order in &fresh {
         assert!(latest.contains_key(order.as_str()), "{order} was skipped");
     }
-    assert_eq!(server.counters().snapshot().payprotocol_detail_requests, 9);
 }
 
 /// logrotate's `copytruncate` while the daemon is down: the lines written before
