@@ -184,9 +184,12 @@ fn split(saved: &str) -> (&str, Option<(u64, &str)>) {
     let (Some(_), Some(end)) = (colons.next(), colons.next()) else {
         return (saved, None);
     };
+    // A length past HEAD_BYTES was never written: a damaged state file must not
+    // make paysync allocate and read that much.
     let head = saved[end + 1..]
         .split_once(':')
-        .and_then(|(n, hash)| Some((n.parse().ok()?, hash)));
+        .and_then(|(n, hash)| Some((n.parse().ok()?, hash)))
+        .filter(|(n, _)| *n <= HEAD_BYTES);
     (&saved[..end], head)
 }
 
@@ -316,6 +319,11 @@ mod tests {
             IdentityMatch::Same
         );
         assert_eq!(match_identity("1:2", &f, &m).unwrap(), IdentityMatch::Other);
+        // An absurd head length (a damaged state file) is ignored, not allocated.
+        assert_eq!(
+            match_identity(&format!("{old}:99999999999999:ab"), &f, &m).unwrap(),
+            IdentityMatch::Same
+        );
         // Without a head hash, no file is taken for a copy.
         assert!(!same_head(&old, &f).unwrap());
     }
