@@ -94,20 +94,27 @@ pub struct PayProtocolSettings {
     pub decimals: HashMap<(i64, String), u32>,
 }
 
-/// Decimals per (chain id, upper-case symbol).
+/// Decimals per chain id, then per upper-case symbol. Nested so that a lookup, made
+/// twice for every order, borrows the symbol instead of allocating a key; it
+/// upper-cases into a new string only when the symbol has lower-case letters.
 #[derive(Debug, Default)]
-pub struct Currencies(HashMap<(i64, String), u32>);
+pub struct Currencies(HashMap<i64, HashMap<String, u32>>);
 
 impl Currencies {
     pub fn decimals(&self, chain_id: i64, symbol: &str) -> Option<u32> {
-        self.0
-            .get(&(chain_id, symbol.to_ascii_uppercase()))
-            .copied()
+        let chain = self.0.get(&chain_id)?;
+        if symbol.bytes().any(|b| b.is_ascii_lowercase()) {
+            chain.get(&symbol.to_ascii_uppercase()).copied()
+        } else {
+            chain.get(symbol).copied()
+        }
     }
 
     pub(crate) fn insert(&mut self, chain_id: i64, symbol: &str, decimals: u32) {
         self.0
-            .insert((chain_id, symbol.to_ascii_uppercase()), decimals);
+            .entry(chain_id)
+            .or_default()
+            .insert(symbol.to_ascii_uppercase(), decimals);
     }
 }
 
@@ -496,6 +503,22 @@ mod tests {
         c.insert(1, "USDT", 6);
         c.insert(2, "ETH", 18);
         c
+    }
+
+    /// Symbols match whatever their case, and only on their own chain.
+    #[test]
+    fn currency_lookup_ignores_case_not_chain() {
+        let mut t = table();
+        assert_eq!(t.decimals(1, "USDT"), Some(6));
+        assert_eq!(t.decimals(1, "usdt"), Some(6));
+        assert_eq!(t.decimals(1, "UsDt"), Some(6));
+        assert_eq!(t.decimals(2, "USDT"), None);
+        assert_eq!(t.decimals(3, "ETH"), None);
+        assert_eq!(t.decimals(2, "ETH2"), None);
+        t.insert(1, "usdc", 2);
+        assert_eq!(t.decimals(1, "USDC"), Some(2));
+        t.insert(1, "USDT", 8);
+        assert_eq!(t.decimals(1, "usdt"), Some(8), "a later insert replaces");
     }
 
     fn cst() -> FixedOffset {

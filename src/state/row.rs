@@ -3,78 +3,102 @@
 //!
 //! [`observation_row`] writes the same bytes as `serde_json` does for the derived
 //! `Serialize` of [`Observation`] (a property test holds it to that), but it is on
-//! the hot path of recording polls, so it writes each field directly, copies
-//! strings that need no escaping in one piece, and splices the order's stored
-//! input object in as text instead of parsing and re-encoding it. Strings that do
-//! need escaping still go through `serde_json`.
+//! the hot path of recording polls, so it writes each field directly from the
+//! borrowed [`RowFields`] (the poll's own detail, not a copy of it), copies strings
+//! that need no escaping in one piece, and splices the order's stored input object
+//! in as text instead of parsing and re-encoding it. Strings that do need escaping
+//! still go through `serde_json`.
 
 use std::fmt::Write;
 
-use crate::model::{Observation, rfc3339, rfc3339_millis};
+use chrono::{DateTime, Utc};
+
+#[cfg(doc)]
+use crate::model::Observation;
+use crate::model::{PayDetail, PayStatus, Tracking, rfc3339, rfc3339_millis};
 
 /// Observation rows are about this long (JSON bytes before the input columns).
 const ROW_CAPACITY: usize = 1024;
 
-/// The JSONL text of `obs` with `input` (the order's input columns as the JSON
-/// object [`crate::model::InputObject`] wrote) as its `input` field. `obs.input`
-/// itself is not read. Input text that is not an object is refused.
-pub fn observation_row(obs: &Observation, input: &str) -> Result<String, String> {
+/// An observation's fields, borrowed from where they are held: the [`Observation`]
+/// they make up, minus its input columns.
+#[derive(Debug, Clone, Copy)]
+pub struct RowFields<'a> {
+    pub provider: &'a str,
+    pub order_no: &'a str,
+    pub status: PayStatus,
+    pub settled: bool,
+    pub tracking: Tracking,
+    /// `provider_status` and the detail columns; its own `status` is not read.
+    pub detail: &'a PayDetail,
+    pub observed_at: DateTime<Utc>,
+    pub first_seen_at: DateTime<Utc>,
+    pub polls: u32,
+    pub error: Option<&'a str>,
+}
+
+/// The JSONL text of the observation `f` with `input` (the order's input columns
+/// as the JSON object [`crate::model::InputObject`] wrote) as its `input` field:
+/// what `serde_json` writes for that [`Observation`]. Input text that is not an
+/// object is refused.
+pub fn observation_row(f: &RowFields<'_>, input: &str) -> Result<String, String> {
     if !(input.starts_with('{') && input.ends_with('}')) {
         return Err(format!(
             "stored input columns are not a JSON object: {input}"
         ));
     }
+    let d = f.detail;
     let mut w = Row(String::with_capacity(ROW_CAPACITY + input.len()));
     // Field order is the derive's: `Observation`'s declaration order.
     w.0.push('{');
     w.key("provider", true);
-    w.string(&obs.provider);
+    w.string(f.provider);
     w.key("order_no", false);
-    w.string(&obs.order_no);
+    w.string(f.order_no);
     w.key("status", false);
-    w.string(obs.status.as_str());
+    w.string(f.status.as_str());
     w.key("provider_status", false);
-    w.string(&obs.provider_status);
+    w.string(&d.provider_status);
     w.key("settled", false);
-    w.raw(if obs.settled { "true" } else { "false" });
+    w.raw(if f.settled { "true" } else { "false" });
     w.key("tracking", false);
-    w.string(obs.tracking.as_str());
+    w.string(f.tracking.as_str());
     w.key("amount", false);
-    w.opt(obs.amount.as_ref().map(|a| a.as_str()));
+    w.opt(d.amount.as_ref().map(|a| a.as_str()));
     w.key("currency", false);
-    w.opt(obs.currency.as_deref());
+    w.opt(d.currency.as_deref());
     w.key("quote_amount", false);
-    w.opt(obs.quote_amount.as_ref().map(|a| a.as_str()));
+    w.opt(d.quote_amount.as_ref().map(|a| a.as_str()));
     w.key("quote_currency", false);
-    w.opt(obs.quote_currency.as_deref());
+    w.opt(d.quote_currency.as_deref());
     w.key("expected_amount", false);
-    w.opt(obs.expected_amount.as_ref().map(|a| a.as_str()));
+    w.opt(d.expected_amount.as_ref().map(|a| a.as_str()));
     w.key("payment_no", false);
-    w.opt(obs.payment_no.as_deref());
+    w.opt(d.payment_no.as_deref());
     w.key("payment_method", false);
-    w.opt(obs.payment_method.as_deref());
+    w.opt(d.payment_method.as_deref());
     w.key("tx_hash", false);
-    w.opt(obs.tx_hash.as_deref());
+    w.opt(d.tx_hash.as_deref());
     w.key("from_address", false);
-    w.opt(obs.from_address.as_deref());
+    w.opt(d.from_address.as_deref());
     w.key("to_address", false);
-    w.opt(obs.to_address.as_deref());
+    w.opt(d.to_address.as_deref());
     w.key("chain_id", false);
-    w.opt(obs.chain_id.as_deref());
+    w.opt(d.chain_id.as_deref());
     w.key("paid_account", false);
-    w.opt(obs.paid_account.as_deref());
+    w.opt(d.paid_account.as_deref());
     w.key("created_at", false);
-    w.opt(obs.created_at.map(rfc3339).as_deref());
+    w.opt(d.created_at.map(rfc3339).as_deref());
     w.key("paid_at", false);
-    w.opt(obs.paid_at.map(rfc3339).as_deref());
+    w.opt(d.paid_at.map(rfc3339).as_deref());
     w.key("observed_at", false);
-    w.string(&rfc3339_millis(obs.observed_at));
+    w.string(&rfc3339_millis(f.observed_at));
     w.key("first_seen_at", false);
-    w.string(&rfc3339_millis(obs.first_seen_at));
+    w.string(&rfc3339_millis(f.first_seen_at));
     w.key("polls", false);
-    write!(w.0, "{}", obs.polls).expect("writing to a String cannot fail");
+    write!(w.0, "{}", f.polls).expect("writing to a String cannot fail");
     w.key("error", false);
-    w.opt(obs.error.as_deref());
+    w.opt(f.error);
     w.key("input", false);
     w.raw(input);
     w.0.push('}');
@@ -134,12 +158,50 @@ fn needs_escape(s: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{Amount, InputObject, PayStatus, Tracking};
+    use crate::model::{Amount, InputObject, Observation};
     use chrono::{DateTime, Utc};
     use proptest::prelude::*;
 
     fn time(ms: i64) -> DateTime<Utc> {
         DateTime::from_timestamp_millis(ms).unwrap()
+    }
+
+    /// The detail `obs` was made from.
+    fn detail_of(obs: &Observation) -> PayDetail {
+        PayDetail {
+            provider_status: obs.provider_status.clone(),
+            status: obs.status,
+            amount: obs.amount.clone(),
+            currency: obs.currency.clone(),
+            quote_amount: obs.quote_amount.clone(),
+            quote_currency: obs.quote_currency.clone(),
+            expected_amount: obs.expected_amount.clone(),
+            payment_no: obs.payment_no.clone(),
+            payment_method: obs.payment_method.clone(),
+            tx_hash: obs.tx_hash.clone(),
+            from_address: obs.from_address.clone(),
+            to_address: obs.to_address.clone(),
+            chain_id: obs.chain_id.clone(),
+            paid_account: obs.paid_account.clone(),
+            created_at: obs.created_at,
+            paid_at: obs.paid_at,
+        }
+    }
+
+    /// The row fields of `obs`, with `detail` from [`detail_of`].
+    fn fields<'a>(obs: &'a Observation, detail: &'a PayDetail) -> RowFields<'a> {
+        RowFields {
+            provider: &obs.provider,
+            order_no: &obs.order_no,
+            status: obs.status,
+            settled: obs.settled,
+            tracking: obs.tracking,
+            detail,
+            observed_at: obs.observed_at,
+            first_seen_at: obs.first_seen_at,
+            polls: obs.polls,
+            error: obs.error.as_deref(),
+        }
     }
 
     #[test]
@@ -217,7 +279,8 @@ mod tests {
         #[test]
         fn rows_are_serde_json_encodings(obs in observation()) {
             let stored = serde_json::to_string(&InputObject(&obs.input)).unwrap();
-            let row = observation_row(&obs, &stored).unwrap();
+            let detail = detail_of(&obs);
+            let row = observation_row(&fields(&obs, &detail), &stored).unwrap();
             prop_assert_eq!(row, serde_json::to_string(&obs).unwrap());
         }
     }
@@ -237,9 +300,11 @@ mod tests {
             "polls": 1, "error": null, "input": {}
         }))
         .unwrap();
-        assert!(observation_row(&obs, "{}").is_ok());
+        let detail = detail_of(&obs);
+        let f = fields(&obs, &detail);
+        assert!(observation_row(&f, "{}").is_ok());
         for bad in ["", "[]", r#"["a","b"]"#, "{", "null"] {
-            assert!(observation_row(&obs, bad).is_err(), "{bad}");
+            assert!(observation_row(&f, bad).is_err(), "{bad}");
         }
     }
 }

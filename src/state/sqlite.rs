@@ -738,8 +738,11 @@ impl StateStore for SqliteStore {
                 let Some((input, first_seen_at, _)) = fresh else {
                     continue;
                 };
-                let obs = observation(p, api_calls, from_ms(first_seen_at)?);
-                let row = row::observation_row(&obs, &input)
+                let mut failed = None;
+                let row = row::observation_row(
+                    &row_fields(p, api_calls, from_ms(first_seen_at)?, &mut failed),
+                    &input,
+                )
                     .map_err(|e| StateError::Corrupt(format!("observation of {order_no}: {e}")))?;
                 observe.execute(params![status.as_str(), row])?;
             }
@@ -1107,8 +1110,40 @@ fn has_observed(observed: &str, status: PayStatus, tracking: Tracking) -> bool {
         .any(|seen| seen.split_once('/') == Some(pair))
 }
 
+/// The output row fields of poll `p` of an order with `api_calls` calls so far,
+/// borrowed from `p`. A failed poll has no detail: its empty one is put in
+/// `failed`, which the fields then borrow.
+fn row_fields<'a>(
+    p: &'a PollRecord,
+    api_calls: u32,
+    first_seen_at: DateTime<Utc>,
+    failed: &'a mut Option<PayDetail>,
+) -> row::RowFields<'a> {
+    let status = p.outcome.status();
+    let (detail, error) = match &p.outcome {
+        PollOutcome::Detail(d) => (d, None),
+        PollOutcome::Failed { reason, .. } => (
+            &*failed.insert(PayDetail::new("", status)),
+            Some(reason.as_str()),
+        ),
+    };
+    row::RowFields {
+        provider: p.provider.as_str(),
+        order_no: p.order_no.as_str(),
+        status,
+        settled: p.tracking == Tracking::Settled,
+        tracking: p.tracking,
+        detail,
+        observed_at: p.observed_at,
+        first_seen_at,
+        polls: api_calls,
+        error,
+    }
+}
+
 /// The output row for poll `p` of an order with `api_calls` calls so far, without
-/// its input columns (see [`row::observation_row`]).
+/// its input columns: what [`row_fields`] borrows, as an owned [`Observation`].
+#[cfg(test)]
 fn observation(p: &PollRecord, api_calls: u32, first_seen_at: DateTime<Utc>) -> Observation {
     let status = p.outcome.status();
     let (d, error) = match &p.outcome {
@@ -1765,6 +1800,46 @@ mod tests {
             vec![(PayStatus::Paid, 1)]
         );
         assert!(s.run_status_counts("r1").unwrap().is_empty());
+    }
+
+    /// The row written from a poll's borrowed fields is the JSON of the
+    /// observation made from it, for a detail, a failure and each tracking state.
+    #[test]
+    fn rows_are_the_observations_of_their_polls() {
+        let detail = poll_keyed(
+            OrderKey(7),
+            "A-1",
+            PayStatus::Paid,
+            Tracking::Settled,
+            at(5),
+        );
+        let mut failed = poll_keyed(
+            OrderKey(8),
+            "A-2",
+            PayStatus::Error,
+            Tracking::Polling,
+            at(6),
+        );
+        failed.outcome = PollOutcome::Failed {
+            status: PayStatus::Error,
+            reason: "server error 503 \"quoted\"".into(),
+        };
+        let mut deadline = poll_keyed(
+            OrderKey(9),
+            "A-3",
+            PayStatus::Pending,
+            Tracking::Deadline,
+            at(7),
+        );
+        deadline.next_poll_at = None;
+        for p in [detail, failed, deadline] {
+            let mut empty = None;
+            let row = row::observation_row(&row_fields(&p, 3, at(1), &mut empty), "{}").unwrap();
+            assert_eq!(
+                row,
+                serde_json::to_string(&observation(&p, 3, at(1))).unwrap()
+            );
+        }
     }
 
     /// A failed poll is observed as its status with the reason in `error`, no
