@@ -94,13 +94,20 @@ async fn stop_daemon(mut daemon: tokio::process::Child) -> String {
     err
 }
 
-/// A mock server and a daemon workspace whose `queue.txt` held `lines`, which a
-/// daemon read, exported (`rows` orders) and stopped.
-async fn queue_read_then_stopped(lines: &str, rows: usize) -> (MockServer, Workspace) {
+/// A mock server and a workspace configured for the daemon (`DAEMON`), with its
+/// `inbox` directory.
+async fn daemon_workspace() -> (MockServer, Workspace) {
     let server = mock(MockOptions::default()).await;
     let ws = Workspace::new();
     std::fs::create_dir(ws.path("inbox")).unwrap();
     ws.config(&server.payprotocol_base_url(), SECRET, DAEMON);
+    (server, ws)
+}
+
+/// A mock server and a daemon workspace whose `queue.txt` held `lines`, which a
+/// daemon read, exported (`rows` orders) and stopped.
+async fn queue_read_then_stopped(lines: &str, rows: usize) -> (MockServer, Workspace) {
+    let (server, ws) = daemon_workspace().await;
     append(&ws, "queue.txt", lines);
     let daemon = start_daemon(&ws, None);
     wait_for("first lines exported", || latest(&ws.rows()).len() == rows).await;
@@ -275,10 +282,7 @@ async fn daemon_ingests_settles_exports_and_stops_cleanly() {
 /// exported twice), and a truncated queue file is read again from its start.
 #[tokio::test(flavor = "multi_thread")]
 async fn restart_resumes_queue_offset_and_handles_truncation() {
-    let server = mock(MockOptions::default()).await;
-    let ws = Workspace::new();
-    std::fs::create_dir(ws.path("inbox")).unwrap();
-    ws.config(&server.payprotocol_base_url(), SECRET, DAEMON);
+    let (server, ws) = daemon_workspace().await;
     let first: Vec<String> = numbered("PAID", 5);
     append(&ws, "queue.txt", &format!("{}\n", first.join("\n")));
     let mut daemon = start_daemon(&ws, None);
@@ -407,10 +411,7 @@ async fn queue_rotated_and_compressed_while_down_loses_no_line() {
 #[tokio::test(flavor = "multi_thread")]
 async fn emptied_queue_is_reported_once() {
     use tokio::io::AsyncBufReadExt;
-    let server = mock(MockOptions::default()).await;
-    let ws = Workspace::new();
-    std::fs::create_dir(ws.path("inbox")).unwrap();
-    ws.config(&server.payprotocol_base_url(), SECRET, DAEMON);
+    let (server, ws) = daemon_workspace().await;
     append(&ws, "queue.txt", "A-PAID-1\nA-PAID-2\n");
     let mut daemon = start_daemon_with(&ws, None, &[("RUST_LOG", "paysync=debug")]);
     let log = Arc::new(Mutex::new(String::new()));
@@ -507,10 +508,7 @@ async fn second_signal_exits_at_once_without_corrupting_state() {
 /// starting, stops cleanly with 0, and a later run finishes the work.
 #[tokio::test(flavor = "multi_thread")]
 async fn signal_while_starting_stops_cleanly() {
-    let server = mock(MockOptions::default()).await;
-    let ws = Workspace::new();
-    std::fs::create_dir(ws.path("inbox")).unwrap();
-    ws.config(&server.payprotocol_base_url(), SECRET, DAEMON);
+    let (_server, ws) = daemon_workspace().await;
     append(
         &ws,
         "queue.txt",
