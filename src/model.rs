@@ -273,12 +273,80 @@ impl fmt::Display for Amount {
 /// Formats paysync's own times (`observed_at`, `first_seen_at`) as RFC 3339 UTC with
 /// exactly three fraction digits, so that they also sort correctly as strings.
 pub fn rfc3339_millis(t: DateTime<Utc>) -> String {
-    t.to_rfc3339_opts(SecondsFormat::Millis, true)
+    let mut out = String::with_capacity(RFC3339_LEN);
+    push_rfc3339_millis(&mut out, t);
+    out
 }
 
 /// Formats a UTC time as RFC 3339 with `Z`, keeping sub-second digits only when present.
 pub fn rfc3339(t: DateTime<Utc>) -> String {
-    t.to_rfc3339_opts(SecondsFormat::AutoSi, true)
+    let mut out = String::with_capacity(RFC3339_LEN);
+    push_rfc3339(&mut out, t);
+    out
+}
+
+/// The longest time [`push_rfc3339`] writes itself: nine fraction digits.
+const RFC3339_LEN: usize = "0000-00-00T00:00:00.000000000Z".len();
+
+/// Appends [`rfc3339`]`(t)` to `out` without a `String` of its own (observation
+/// rows carry four times each).
+pub fn push_rfc3339(out: &mut String, t: DateTime<Utc>) {
+    push_time(out, t, SecondsFormat::AutoSi);
+}
+
+/// Appends [`rfc3339_millis`]`(t)` to `out`.
+pub fn push_rfc3339_millis(out: &mut String, t: DateTime<Utc>) {
+    push_time(out, t, SecondsFormat::Millis);
+}
+
+/// Appends `t` as chrono's `to_rfc3339_opts(format, true)` writes it, for `format`
+/// `AutoSi` or `Millis`. Years outside 0–9999 and leap seconds, which need a sign
+/// or a 60th second, are left to chrono.
+fn push_time(out: &mut String, t: DateTime<Utc>, format: SecondsFormat) {
+    use chrono::{Datelike, Timelike};
+
+    let (date, time) = (t.date_naive(), t.time());
+    let nanos = time.nanosecond();
+    let year = date.year();
+    if !(0..=9999).contains(&year) || nanos >= 1_000_000_000 {
+        out.push_str(&t.to_rfc3339_opts(format, true));
+        return;
+    }
+    let mut text = *b"0000-00-00T00:00:00.000000000";
+    digits(&mut text[0..4], year.unsigned_abs());
+    digits(&mut text[5..7], date.month());
+    digits(&mut text[8..10], date.day());
+    digits(&mut text[11..13], time.hour());
+    digits(&mut text[14..16], time.minute());
+    digits(&mut text[17..19], time.second());
+    let fraction = match format {
+        SecondsFormat::Millis => 3,
+        SecondsFormat::AutoSi if nanos == 0 => 0,
+        SecondsFormat::AutoSi if nanos % 1_000_000 == 0 => 3,
+        SecondsFormat::AutoSi if nanos % 1_000 == 0 => 6,
+        SecondsFormat::AutoSi => 9,
+        other => unreachable!("push_time is only called with AutoSi or Millis, not {other:?}"),
+    };
+    let len = if fraction == 0 {
+        19
+    } else {
+        digits(
+            &mut text[20..20 + fraction],
+            nanos / 10u32.pow(9 - fraction as u32),
+        );
+        20 + fraction
+    };
+    out.push_str(std::str::from_utf8(&text[..len]).expect("digits and separators are ASCII"));
+    out.push('Z');
+}
+
+/// Writes `value` into `buf` in decimal, right-aligned and zero-padded (the
+/// leading digits are dropped if it does not fit).
+fn digits(buf: &mut [u8], mut value: u32) {
+    for b in buf.iter_mut().rev() {
+        *b = b'0' + (value % 10) as u8;
+        value /= 10;
+    }
 }
 
 /// One provider answer for one order, normalized to the output schema. Fields the
@@ -512,6 +580,96 @@ mod input_object {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    /// Times across chrono's whole range, most of them in years 0–9999 (the ones
+    /// [`push_rfc3339`] writes itself), with every kind of fraction.
+    fn any_time() -> impl Strategy<Value = DateTime<Utc>> {
+        let secs = prop_oneof![
+            3 => -62_167_219_200i64..253_402_300_800,
+            1 => DateTime::<Utc>::MIN_UTC.timestamp()..=DateTime::<Utc>::MAX_UTC.timestamp(),
+        ];
+        let nanos = prop_oneof![
+            Just(0u32),
+            (0u32..1_000).prop_map(|ms| ms * 1_000_000),
+            (0u32..1_000_000).prop_map(|us| us * 1_000),
+            0u32..1_000_000_000,
+        ];
+        (secs, nanos).prop_filter_map("in chrono's range", |(s, n)| DateTime::from_timestamp(s, n))
+    }
+
+    proptest! {
+        /// The hand-written formatting is chrono's, byte for byte, and appends.
+        #[test]
+        fn rfc3339_is_chronos(t in any_time(), prefix in "[a-z\"]{0,3}") {
+            prop_assert_eq!(rfc3339(t), t.to_rfc3339_opts(SecondsFormat::AutoSi, true));
+            prop_assert_eq!(rfc3339_millis(t), t.to_rfc3339_opts(SecondsFormat::Millis, true));
+            let mut out = prefix.clone();
+            push_rfc3339(&mut out, t);
+            push_rfc3339_millis(&mut out, t);
+            prop_assert_eq!(
+                out,
+                format!("{prefix}{}{}", rfc3339(t), rfc3339_millis(t))
+            );
+        }
+    }
+
+    #[test]
+    fn rfc3339_edges() {
+        let t = |s: &str| DateTime::parse_from_rfc3339(s).unwrap().to_utc();
+        for (given, auto, millis) in [
+            (
+                "2026-12-07T15:39:04Z",
+                "2026-12-07T15:39:04Z",
+                "2026-12-07T15:39:04.000Z",
+            ),
+            (
+                "2026-12-07T15:39:04.5Z",
+                "2026-12-07T15:39:04.500Z",
+                "2026-12-07T15:39:04.500Z",
+            ),
+            (
+                "2026-12-07T15:39:04.000250Z",
+                "2026-12-07T15:39:04.000250Z",
+                "2026-12-07T15:39:04.000Z",
+            ),
+            (
+                "2026-12-07T15:39:04.999999999Z",
+                "2026-12-07T15:39:04.999999999Z",
+                "2026-12-07T15:39:04.999Z",
+            ),
+            (
+                "0000-01-01T00:00:00Z",
+                "0000-01-01T00:00:00Z",
+                "0000-01-01T00:00:00.000Z",
+            ),
+            (
+                "9999-12-31T23:59:59.001+00:00",
+                "9999-12-31T23:59:59.001Z",
+                "9999-12-31T23:59:59.001Z",
+            ),
+            (
+                "2026-01-01T08:00:00+08:00",
+                "2026-01-01T00:00:00Z",
+                "2026-01-01T00:00:00.000Z",
+            ),
+        ] {
+            assert_eq!(rfc3339(t(given)), auto, "{given}");
+            assert_eq!(rfc3339_millis(t(given)), millis, "{given}");
+        }
+        // Leap seconds and years past 9999 go to chrono.
+        let leap = chrono::NaiveDate::from_ymd_opt(2016, 12, 31)
+            .unwrap()
+            .and_hms_nano_opt(23, 59, 59, 1_250_000_000)
+            .unwrap()
+            .and_utc();
+        assert_eq!(rfc3339(leap), "2016-12-31T23:59:60.250Z");
+        assert_eq!(rfc3339_millis(leap), "2016-12-31T23:59:60.250Z");
+        let far = DateTime::from_timestamp(253_402_300_800, 0).unwrap();
+        assert_eq!(rfc3339(far), "+10000-01-01T00:00:00Z");
+        let before = DateTime::from_timestamp(-62_167_219_201, 0).unwrap();
+        assert_eq!(rfc3339(before), "-0001-12-31T23:59:59Z");
+    }
 
     /// Order numbers: trimmed, and refused when empty, too long, or with inner
     /// whitespace or control characters.
@@ -630,7 +788,6 @@ mod tests {
     mod properties {
         use super::*;
         use crate::fuzzing::is_plain_decimal;
-        use proptest::prelude::*;
 
         /// The model: `n / 10^d` in u128 arithmetic, every fraction digit written.
         fn scaled(n: u128, neg: bool, d: u32) -> String {

@@ -15,7 +15,7 @@ use chrono::{DateTime, Utc};
 
 #[cfg(doc)]
 use crate::model::Observation;
-use crate::model::{PayDetail, PayStatus, Tracking, rfc3339, rfc3339_millis};
+use crate::model::{PayDetail, PayStatus, Tracking, push_rfc3339, push_rfc3339_millis};
 
 /// Observation rows are about this long (JSON bytes before the input columns).
 const ROW_CAPACITY: usize = 1024;
@@ -37,6 +37,14 @@ pub struct RowFields<'a> {
     pub error: Option<&'a str>,
 }
 
+/// `"name":` as one literal, so that a field's key is a single copy. Names are
+/// plain ASCII identifiers, which JSON needs no escaping for.
+macro_rules! key {
+    ($name:literal) => {
+        concat!("\"", $name, "\":")
+    };
+}
+
 /// The JSONL text of the observation `f` with `input` (the order's input columns
 /// as the JSON object [`crate::model::InputObject`] wrote) as its `input` field:
 /// what `serde_json` writes for that [`Observation`]. Input text that is not an
@@ -50,56 +58,55 @@ pub fn observation_row(f: &RowFields<'_>, input: &str) -> Result<String, String>
     let d = f.detail;
     let mut w = Row(String::with_capacity(ROW_CAPACITY + input.len()));
     // Field order is the derive's: `Observation`'s declaration order.
-    w.0.push('{');
-    w.key("provider", true);
+    w.raw(concat!("{", key!("provider")));
     w.string(f.provider);
-    w.key("order_no", false);
+    w.raw(concat!(",", key!("order_no")));
     w.string(f.order_no);
-    w.key("status", false);
+    w.raw(concat!(",", key!("status")));
     w.string(f.status.as_str());
-    w.key("provider_status", false);
+    w.raw(concat!(",", key!("provider_status")));
     w.string(&d.provider_status);
-    w.key("settled", false);
+    w.raw(concat!(",", key!("settled")));
     w.raw(if f.settled { "true" } else { "false" });
-    w.key("tracking", false);
+    w.raw(concat!(",", key!("tracking")));
     w.string(f.tracking.as_str());
-    w.key("amount", false);
+    w.raw(concat!(",", key!("amount")));
     w.opt(d.amount.as_ref().map(|a| a.as_str()));
-    w.key("currency", false);
+    w.raw(concat!(",", key!("currency")));
     w.opt(d.currency.as_deref());
-    w.key("quote_amount", false);
+    w.raw(concat!(",", key!("quote_amount")));
     w.opt(d.quote_amount.as_ref().map(|a| a.as_str()));
-    w.key("quote_currency", false);
+    w.raw(concat!(",", key!("quote_currency")));
     w.opt(d.quote_currency.as_deref());
-    w.key("expected_amount", false);
+    w.raw(concat!(",", key!("expected_amount")));
     w.opt(d.expected_amount.as_ref().map(|a| a.as_str()));
-    w.key("payment_no", false);
+    w.raw(concat!(",", key!("payment_no")));
     w.opt(d.payment_no.as_deref());
-    w.key("payment_method", false);
+    w.raw(concat!(",", key!("payment_method")));
     w.opt(d.payment_method.as_deref());
-    w.key("tx_hash", false);
+    w.raw(concat!(",", key!("tx_hash")));
     w.opt(d.tx_hash.as_deref());
-    w.key("from_address", false);
+    w.raw(concat!(",", key!("from_address")));
     w.opt(d.from_address.as_deref());
-    w.key("to_address", false);
+    w.raw(concat!(",", key!("to_address")));
     w.opt(d.to_address.as_deref());
-    w.key("chain_id", false);
+    w.raw(concat!(",", key!("chain_id")));
     w.opt(d.chain_id.as_deref());
-    w.key("paid_account", false);
+    w.raw(concat!(",", key!("paid_account")));
     w.opt(d.paid_account.as_deref());
-    w.key("created_at", false);
-    w.opt(d.created_at.map(rfc3339).as_deref());
-    w.key("paid_at", false);
-    w.opt(d.paid_at.map(rfc3339).as_deref());
-    w.key("observed_at", false);
-    w.string(&rfc3339_millis(f.observed_at));
-    w.key("first_seen_at", false);
-    w.string(&rfc3339_millis(f.first_seen_at));
-    w.key("polls", false);
+    w.raw(concat!(",", key!("created_at")));
+    w.time(d.created_at, push_rfc3339);
+    w.raw(concat!(",", key!("paid_at")));
+    w.time(d.paid_at, push_rfc3339);
+    w.raw(concat!(",", key!("observed_at")));
+    w.time(Some(f.observed_at), push_rfc3339_millis);
+    w.raw(concat!(",", key!("first_seen_at")));
+    w.time(Some(f.first_seen_at), push_rfc3339_millis);
+    w.raw(concat!(",", key!("polls")));
     write!(w.0, "{}", f.polls).expect("writing to a String cannot fail");
-    w.key("error", false);
+    w.raw(concat!(",", key!("error")));
     w.opt(f.error);
-    w.key("input", false);
+    w.raw(concat!(",", key!("input")));
     w.raw(input);
     w.0.push('}');
     Ok(w.0)
@@ -109,18 +116,6 @@ pub fn observation_row(f: &RowFields<'_>, input: &str) -> Result<String, String>
 struct Row(String);
 
 impl Row {
-    /// `"name":`, after a comma unless it is the first field. Names are plain
-    /// ASCII identifiers, which JSON needs no escaping for.
-    fn key(&mut self, name: &str, first: bool) {
-        debug_assert!(!needs_escape(name.as_bytes()));
-        if !first {
-            self.0.push(',');
-        }
-        self.0.push('"');
-        self.0.push_str(name);
-        self.0.push_str("\":");
-    }
-
     fn raw(&mut self, text: &str) {
         self.0.push_str(text);
     }
@@ -141,6 +136,19 @@ impl Row {
     fn opt(&mut self, s: Option<&str>) {
         match s {
             Some(s) => self.string(s),
+            None => self.raw("null"),
+        }
+    }
+
+    /// A time as a JSON string, written by `push` straight into the row (RFC 3339
+    /// text needs no escaping), or `null`.
+    fn time(&mut self, t: Option<DateTime<Utc>>, push: fn(&mut String, DateTime<Utc>)) {
+        match t {
+            Some(t) => {
+                self.0.push('"');
+                push(&mut self.0, t);
+                self.0.push('"');
+            }
             None => self.raw("null"),
         }
     }
