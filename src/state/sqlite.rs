@@ -20,6 +20,14 @@
 //! Rowids of `orders` are stable while the store is open: paysync never runs
 //! `VACUUM`, and the lock keeps other paysync processes out.
 //!
+//! A lease also keeps what recording the order's poll reads of its row (API calls,
+//! observed pairs, input columns), as the claim read it, so that recording does not
+//! read the row again. Only [`StateStore::record_polls`] changes those columns, and
+//! it takes a lease's copy (under the connection's lock, in the transaction that
+//! writes the row) before writing, so a copy in the map is never older than its row.
+//! A record without a copy (the order was claimed again after its lease ran out,
+//! or an earlier record failed) reads the row.
+//!
 //! # Schema (version [`super::SCHEMA_VERSION`], in `PRAGMA user_version`)
 //! - `orders`: one row per (provider, order_no): the input row (`input`, the JSON
 //!   object an observation's `input` is written as, keys in input order), where it
@@ -205,7 +213,8 @@ const MIGRATIONS: &[&str] = &[
 const _: () = assert!(MIGRATIONS.len() as i64 == SCHEMA_VERSION);
 
 /// Due orders of a provider, earliest first (walks `orders_due`).
-const CLAIM_DUE: &str = "SELECT rowid, order_no, payment_no, first_seen_at, polls, status
+const CLAIM_DUE: &str = "SELECT rowid, order_no, payment_no, first_seen_at, polls, status,
+            api_calls, observed, input
      FROM orders
      WHERE provider = ?1 AND tracking = 'polling' AND next_poll_at <= ?2
      ORDER BY next_poll_at";
@@ -218,6 +227,26 @@ const NEXT_DUE: &str = "SELECT rowid, next_poll_at FROM orders
 /// The `status` shown by [`StateStore::status_report`] for orders not polled yet.
 const NOT_POLLED: &str = "not_polled";
 
+/// A claimed order (see Leases in the module documentation).
+#[derive(Debug)]
+struct Lease {
+    /// Lease end, unix ms.
+    until: i64,
+    /// The row as the claim read it, until a record takes it.
+    row: Option<ClaimedRow>,
+}
+
+/// What recording a poll reads of an order's row.
+#[derive(Debug)]
+struct ClaimedRow {
+    provider: ProviderKind,
+    order_no: String,
+    api_calls: i64,
+    observed: String,
+    input: String,
+    first_seen_at: i64,
+}
+
 /// The SQLite state store. See the module documentation for files, schema and
 /// durability.
 pub struct SqliteStore {
@@ -227,9 +256,9 @@ pub struct SqliteStore {
     /// Long reads (exporting a batch, the status report) on their own WAL snapshot,
     /// so that polling goes on while a batch is written out.
     reader: Mutex<Connection>,
-    /// Orders claimed and not yet recorded or released: rowid -> lease end (unix
-    /// ms). Locked only after `conn` when both are needed.
-    leases: Mutex<HashMap<i64, i64>>,
+    /// Orders claimed and not yet recorded or released, by rowid. Locked only
+    /// after `conn` when both are needed.
+    leases: Mutex<HashMap<i64, Lease>>,
     path: PathBuf,
     /// The exclusive lock; `None` for a read-only store ([`SqliteStore::open_read_only`]).
     _lock: Option<File>,
@@ -362,7 +391,7 @@ impl SqliteStore {
     }
 
     /// The in-memory leases (see the module documentation).
-    fn leases(&self) -> MutexGuard<'_, HashMap<i64, i64>> {
+    fn leases(&self) -> MutexGuard<'_, HashMap<i64, Lease>> {
         self.leases.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
@@ -603,7 +632,10 @@ impl StateStore for SqliteStore {
             return Ok(out);
         }
         let mut claimed = Vec::with_capacity(limit.min(4096));
-        self.read(|tx| {
+        // The connection stays locked until the leases are in the map: a record
+        // cannot write a claimed row between its read and its lease.
+        let mut conn = self.conn();
+        read_on(&mut conn, |tx| {
             // No LIMIT: leased orders are skipped here, and rows are only produced as
             // they are stepped through (the `orders_due` index gives the order).
             let mut due = tx.prepare_cached(CLAIM_DUE)?;
@@ -611,7 +643,7 @@ impl StateStore for SqliteStore {
             let mut rows = due.query(params![provider.as_str(), now])?;
             while let Some(row) = rows.next()? {
                 let rowid: i64 = row.get(0)?;
-                if leases.get(&rowid).is_some_and(|&end| end > now) {
+                if leases.get(&rowid).is_some_and(|l| l.until > now) {
                     continue;
                 }
                 let order_no = text(row.get_ref(1)?, "order_no")?;
@@ -622,15 +654,26 @@ impl StateStore for SqliteStore {
                     ValueRef::Null => None,
                     v => Some(parse_status(text(v, "status")?)?),
                 };
+                let first_seen_at = row.get(3)?;
+                claimed.push((
+                    rowid,
+                    ClaimedRow {
+                        provider,
+                        order_no: order_no.as_str().to_owned(),
+                        api_calls: row.get(6)?,
+                        observed: text(row.get_ref(7)?, "observed pairs")?.to_owned(),
+                        input: text(row.get_ref(8)?, "input columns")?.to_owned(),
+                        first_seen_at,
+                    },
+                ));
                 out.push(DueOrder {
                     key: OrderKey(rowid),
                     order_no,
                     payment_no: row.get(2)?,
-                    first_seen_at: from_ms(row.get(3)?)?,
+                    first_seen_at: from_ms(first_seen_at)?,
                     polls: parse_u32("polls", row.get(4)?)?,
                     status,
                 });
-                claimed.push(rowid);
                 if out.len() == limit {
                     break;
                 }
@@ -638,7 +681,13 @@ impl StateStore for SqliteStore {
             Ok(())
         })?;
         let mut leases = self.leases();
-        leases.extend(claimed.into_iter().map(|rowid| (rowid, until)));
+        leases.extend(claimed.into_iter().map(|(rowid, row)| {
+            let lease = Lease {
+                until,
+                row: Some(row),
+            };
+            (rowid, lease)
+        }));
         Ok(out)
     }
 
@@ -674,40 +723,55 @@ impl StateStore for SqliteStore {
             )?;
             let mut observe =
                 tx.prepare_cached("INSERT INTO observations (status, row) VALUES (?1, ?2)")?;
+            let mut leases = self.leases();
             for p in polls {
                 let provider = p.provider.as_str();
                 let order_no = p.order_no.as_str();
                 let status = p.outcome.status();
 
+                // The row as its claim read it (taken: a second record of the order
+                // in this call reads what the first wrote), else as it is now.
+                let rowid = p.key.0;
+                let claimed = leases
+                    .get_mut(&rowid)
+                    .and_then(|l| l.row.take())
+                    .filter(|c| c.provider == p.provider && c.order_no == order_no);
+                let stored = match claimed {
+                    Some(c) => c,
+                    None => {
+                        let mut rows = load.query([rowid])?;
+                        let row = rows.next()?.filter(|row| {
+                            row.get_ref(0).is_ok_and(|v| v.as_str() == Ok(provider))
+                                && row.get_ref(1).is_ok_and(|v| v.as_str() == Ok(order_no))
+                        });
+                        let row = row.ok_or_else(|| {
+                            StateError::Corrupt(format!(
+                                "poll recorded for order {provider}/{order_no}, which is not registered under key {rowid}"
+                            ))
+                        })?;
+                        ClaimedRow {
+                            provider: p.provider,
+                            order_no: order_no.to_owned(),
+                            api_calls: row.get(2)?,
+                            observed: text(row.get_ref(3)?, "observed pairs")?.to_owned(),
+                            input: text(row.get_ref(4)?, "input columns")?.to_owned(),
+                            first_seen_at: row.get(5)?,
+                        }
+                    }
+                };
+                let api_calls = parse_u32("api_calls", stored.api_calls)?.saturating_add(p.attempts);
                 // `fresh`: the order's input and first-seen time, when this poll
                 // observes a (status, tracking) pair for the first time.
-                let rowid = p.key.0;
-                let (api_calls, fresh) = {
-                    let mut rows = load.query([rowid])?;
-                    let row = rows.next()?.filter(|row| {
-                        row.get_ref(0).is_ok_and(|v| v.as_str() == Ok(provider))
-                            && row.get_ref(1).is_ok_and(|v| v.as_str() == Ok(order_no))
-                    });
-                    let row = row.ok_or_else(|| {
-                        StateError::Corrupt(format!(
-                            "poll recorded for order {provider}/{order_no}, which is not registered under key {rowid}"
-                        ))
-                    })?;
-                    let calls = parse_u32("api_calls", row.get(2)?)?.saturating_add(p.attempts);
-                    let observed = text(row.get_ref(3)?, "observed pairs")?;
-                    let fresh = if has_observed(observed, status, p.tracking) {
-                        None
+                let fresh = if has_observed(&stored.observed, status, p.tracking) {
+                    None
+                } else {
+                    let pair = observed_pair(status, p.tracking);
+                    let observed = if stored.observed.is_empty() {
+                        pair
                     } else {
-                        let input = text(row.get_ref(4)?, "input columns")?.to_owned();
-                        let pair = observed_pair(status, p.tracking);
-                        let observed = if observed.is_empty() {
-                            pair
-                        } else {
-                            format!("{observed} {pair}")
-                        };
-                        Some((input, row.get::<_, i64>(5)?, observed))
+                        format!("{} {pair}", stored.observed)
                     };
-                    (calls, fresh)
+                    Some((stored.input, stored.first_seen_at, observed))
                 };
 
                 recorded.push(rowid);
@@ -1904,6 +1968,73 @@ mod tests {
             assert_eq!(s.tracked_count(PP).unwrap(), 2);
             assert_eq!(s.stage_batch("b", at(2)).unwrap(), None);
         }
+    }
+
+    /// Records of claimed orders start from the row their claim read, yet see every
+    /// write since: an order claimed again after its lease ran out, two polls of one
+    /// order in one call, and a call that failed and is repeated each give one
+    /// observation row per pair, with every API call counted.
+    #[test]
+    fn records_of_claimed_orders_see_earlier_records() {
+        let (_dir, s) = store();
+        let short = Duration::from_secs(1);
+        let claim = |now: i64, limit: usize| -> Vec<String> {
+            s.claim_due(PP, at(now), limit, short)
+                .unwrap()
+                .into_iter()
+                .map(|d| d.order_no.as_str().to_owned())
+                .collect()
+        };
+        let pending = |n: &str, t: i64| poll(&s, n, PayStatus::Pending, Tracking::Polling, at(t));
+        let paid = |n: &str, t: i64| poll(&s, n, PayStatus::Paid, Tracking::Settled, at(t));
+        add(&s, "r1", &["A"], at(0));
+        add(&s, "r1", &["B"], at(1));
+        add(&s, "r1", &["C"], at(2));
+
+        // A: its lease runs out and it is claimed again before either poll is recorded.
+        assert_eq!(claim(10, 1), ["A"]);
+        assert_eq!(claim(12, 1), ["A"]);
+        s.record_polls("r1", &[pending("A", 13)]).unwrap();
+        s.record_polls("r1", &[pending("A", 14)]).unwrap();
+
+        // B: two polls recorded in one call.
+        assert_eq!(claim(20, 1), ["B"]);
+        s.record_polls("r1", &[pending("B", 21), pending("B", 21)])
+            .unwrap();
+
+        // C: the first call fails (and keeps the lease); the repeat is recorded once.
+        assert_eq!(claim(30, 1), ["C"]);
+        let ghost = poll_keyed(
+            OrderKey(-1),
+            "ghost",
+            PayStatus::Paid,
+            Tracking::Settled,
+            at(31),
+        );
+        assert!(s.record_polls("r1", &[paid("C", 31), ghost]).is_err());
+        assert!(claim(30, 10).is_empty(), "C is still leased");
+        s.record_polls("r1", &[paid("C", 31)]).unwrap();
+
+        // A and B are claimed again (their next poll is a minute later) and settle.
+        assert_eq!(claim(100, 10), ["A", "B"]);
+        s.record_polls("r1", &[paid("A", 101), paid("B", 101)])
+            .unwrap();
+
+        let batch = s.stage_batch("b", at(200)).unwrap().unwrap();
+        let rows: Vec<_> = batch_rows(&s, batch.id)
+            .into_iter()
+            .map(|o| (o.order_no, o.status, o.polls))
+            .collect();
+        let want = [
+            ("A", PayStatus::Pending, 1),
+            ("B", PayStatus::Pending, 1),
+            ("C", PayStatus::Paid, 1),
+            ("A", PayStatus::Paid, 3),
+            ("B", PayStatus::Paid, 3),
+        ]
+        .map(|(n, st, polls)| (n.to_owned(), st, polls));
+        assert_eq!(rows, want);
+        assert_eq!(s.tracked_count(PP).unwrap(), 0);
     }
 
     /// Export batches: staging takes every unexported row; a staged batch stays open
