@@ -449,10 +449,8 @@ pub fn payprotocol_response(data: &[u8]) {
     let (Ok(d), Ok(body)) = (result, serde_json::from_slice::<Value>(&raw.body)) else {
         return;
     };
-    // serde also reads an envelope written as an array; only objects are checked.
-    if !body.is_object() || !body["data"].is_object() {
-        return;
-    }
+    // Only JSON objects are read as envelopes and details, not their fields as arrays.
+    assert!(body.is_object() && body["data"].is_object(), "{body}");
     assert_eq!(body["code"], 200);
     let data = &body["data"];
     let code = data["paymentStatus"]

@@ -248,6 +248,29 @@ impl PayProvider for PayProtocol {
     }
 }
 
+/// A `T` read from a JSON object only. serde's derived `Deserialize` for a struct
+/// also takes an array of its fields in declaration order, which no PayProtocol
+/// answer is: `[200, "ok", null, {...}]` would otherwise pass for an envelope.
+#[derive(Debug)]
+struct Object<T>(T);
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for Object<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct ObjectVisitor<T>(std::marker::PhantomData<T>);
+        impl<'de, T: Deserialize<'de>> serde::de::Visitor<'de> for ObjectVisitor<T> {
+            type Value = T;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<T, A::Error> {
+                T::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+            }
+        }
+        d.deserialize_map(ObjectVisitor(std::marker::PhantomData))
+            .map(Object)
+    }
+}
+
 /// The response envelope `{code, msg, description?, data}`.
 #[derive(Debug, Deserialize)]
 struct Envelope<T> {
@@ -377,7 +400,8 @@ fn classify_envelope<T: serde::de::DeserializeOwned>(
     let malformed = |detail: String| FetchError::Malformed { status, detail };
     let body = std::str::from_utf8(&raw.body)
         .map_err(|e| malformed(format!("the body is not UTF-8: {e}")))?;
-    let env: Envelope<T> = serde_json::from_str(body).map_err(|e| malformed(e.to_string()))?;
+    let Object(env): Object<Envelope<T>> =
+        serde_json::from_str(body).map_err(|e| malformed(e.to_string()))?;
     let msg = || {
         let mut m = env.msg.clone().unwrap_or_default();
         if let Some(d) = env.description.as_deref().filter(|d| !d.is_empty()) {
@@ -407,7 +431,8 @@ fn classify_envelope<T: serde::de::DeserializeOwned>(
 }
 
 pub(crate) fn classify_currencies(raw: &RawResponse) -> Result<Vec<CurrencyDto>, FetchError> {
-    Ok(classify_envelope::<Vec<CurrencyDto>>(raw)?.unwrap_or_default())
+    let list = classify_envelope::<Vec<Object<CurrencyDto>>>(raw)?.unwrap_or_default();
+    Ok(list.into_iter().map(|Object(c)| c).collect())
 }
 
 fn non_empty(s: Option<String>) -> Option<String> {
@@ -420,7 +445,7 @@ pub fn classify_detail(
     currencies: &Currencies,
     naive_zone: FixedOffset,
 ) -> Result<PayDetail, FetchError> {
-    let Some(data) = classify_envelope::<Option<DetailDto>>(raw)?.flatten() else {
+    let Some(Object(data)) = classify_envelope::<Option<Object<DetailDto>>>(raw)?.flatten() else {
         return Err(FetchError::NotFound);
     };
     if data.out_trade_no.as_deref().is_none_or(str::is_empty) && data.payment_status.is_none() {
@@ -593,6 +618,33 @@ mod tests {
                 (st, code.to_string().as_str())
             );
         }
+    }
+
+    /// Envelopes, details and currency entries are JSON objects: the same fields
+    /// as an array (which serde's derive would take in declaration order) are
+    /// malformed, while the object forms of the same answers are read.
+    #[test]
+    fn arrays_are_not_objects() {
+        let c = |body: &str| classify_detail(&raw(200, body), &table(), cst());
+        let detail = r#"{"outTradeNo":"X","paymentStatus":3}"#;
+        assert!(c(&format!(r#"{{"code":200,"data":{detail}}}"#)).is_ok());
+        for body in [
+            format!(r#"[200,"ok",null,{detail}]"#),
+            r#"{"code":200,"data":[null,"X",null,null,null,3]}"#.to_owned(),
+        ] {
+            assert!(
+                matches!(c(&body), Err(FetchError::Malformed { status: 200, ref detail }) if detail.contains("a JSON object")),
+                "{body}: {:?}",
+                c(&body)
+            );
+        }
+        let list = |body: &str| classify_currencies(&raw(200, body));
+        let ok = list(r#"{"code":200,"data":[{"chainId":1,"symbol":"USDT","decimals":6}]}"#);
+        assert_eq!(ok.unwrap()[0].symbol, "USDT");
+        assert!(matches!(
+            list(r#"{"code":200,"data":[[1,"USDT",6]]}"#),
+            Err(FetchError::Malformed { status: 200, .. })
+        ));
     }
 
     /// HTTP statuses, envelope codes and broken bodies become the right classes.
