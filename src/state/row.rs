@@ -37,11 +37,15 @@ pub struct RowFields<'a> {
     pub error: Option<&'a str>,
 }
 
-/// `"name":` as one literal, so that a field's key is a single copy. Names are
-/// plain ASCII identifiers, which JSON needs no escaping for.
+/// `,"name":` (or `{"name":` for the `first` field) as one literal, so that a
+/// field's separator and key are a single copy. Names are plain ASCII identifiers,
+/// which JSON needs no escaping for.
 macro_rules! key {
+    (first $name:literal) => {
+        concat!("{\"", $name, "\":")
+    };
     ($name:literal) => {
-        concat!("\"", $name, "\":")
+        concat!(",\"", $name, "\":")
     };
 }
 
@@ -58,55 +62,55 @@ pub fn observation_row(f: &RowFields<'_>, input: &str) -> Result<String, String>
     let d = f.detail;
     let mut w = Row(String::with_capacity(ROW_CAPACITY + input.len()));
     // Field order is the derive's: `Observation`'s declaration order.
-    w.raw(concat!("{", key!("provider")));
+    w.raw(key!(first "provider"));
     w.string(f.provider);
-    w.raw(concat!(",", key!("order_no")));
+    w.raw(key!("order_no"));
     w.string(f.order_no);
-    w.raw(concat!(",", key!("status")));
+    w.raw(key!("status"));
     w.string(f.status.as_str());
-    w.raw(concat!(",", key!("provider_status")));
+    w.raw(key!("provider_status"));
     w.string(&d.provider_status);
-    w.raw(concat!(",", key!("settled")));
+    w.raw(key!("settled"));
     w.raw(if f.settled { "true" } else { "false" });
-    w.raw(concat!(",", key!("tracking")));
+    w.raw(key!("tracking"));
     w.string(f.tracking.as_str());
-    w.raw(concat!(",", key!("amount")));
+    w.raw(key!("amount"));
     w.opt(d.amount.as_ref().map(|a| a.as_str()));
-    w.raw(concat!(",", key!("currency")));
+    w.raw(key!("currency"));
     w.opt(d.currency.as_deref());
-    w.raw(concat!(",", key!("quote_amount")));
+    w.raw(key!("quote_amount"));
     w.opt(d.quote_amount.as_ref().map(|a| a.as_str()));
-    w.raw(concat!(",", key!("quote_currency")));
+    w.raw(key!("quote_currency"));
     w.opt(d.quote_currency.as_deref());
-    w.raw(concat!(",", key!("expected_amount")));
+    w.raw(key!("expected_amount"));
     w.opt(d.expected_amount.as_ref().map(|a| a.as_str()));
-    w.raw(concat!(",", key!("payment_no")));
+    w.raw(key!("payment_no"));
     w.opt(d.payment_no.as_deref());
-    w.raw(concat!(",", key!("payment_method")));
+    w.raw(key!("payment_method"));
     w.opt(d.payment_method.as_deref());
-    w.raw(concat!(",", key!("tx_hash")));
+    w.raw(key!("tx_hash"));
     w.opt(d.tx_hash.as_deref());
-    w.raw(concat!(",", key!("from_address")));
+    w.raw(key!("from_address"));
     w.opt(d.from_address.as_deref());
-    w.raw(concat!(",", key!("to_address")));
+    w.raw(key!("to_address"));
     w.opt(d.to_address.as_deref());
-    w.raw(concat!(",", key!("chain_id")));
+    w.raw(key!("chain_id"));
     w.opt(d.chain_id.as_deref());
-    w.raw(concat!(",", key!("paid_account")));
+    w.raw(key!("paid_account"));
     w.opt(d.paid_account.as_deref());
-    w.raw(concat!(",", key!("created_at")));
+    w.raw(key!("created_at"));
     w.time(d.created_at, push_rfc3339);
-    w.raw(concat!(",", key!("paid_at")));
+    w.raw(key!("paid_at"));
     w.time(d.paid_at, push_rfc3339);
-    w.raw(concat!(",", key!("observed_at")));
+    w.raw(key!("observed_at"));
     w.time(Some(f.observed_at), push_rfc3339_millis);
-    w.raw(concat!(",", key!("first_seen_at")));
+    w.raw(key!("first_seen_at"));
     w.time(Some(f.first_seen_at), push_rfc3339_millis);
-    w.raw(concat!(",", key!("polls")));
+    w.raw(key!("polls"));
     write!(w.0, "{}", f.polls).expect("writing to a String cannot fail");
-    w.raw(concat!(",", key!("error")));
+    w.raw(key!("error"));
     w.opt(f.error);
-    w.raw(concat!(",", key!("input")));
+    w.raw(key!("input"));
     w.raw(input);
     w.0.push('}');
     Ok(w.0)
