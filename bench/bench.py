@@ -471,6 +471,9 @@ PEERS = [("streams", "4 Python peer (asyncio streams, keep-alive)"),
 # of one order, without start-up (interpreter, SQLite open, clock calibration).
 INSTR_SIZES = (500, 3000)
 INSTR_CONCURRENCY = 32
+# The sha2 crate's block function: valgrind's virtual CPU lacks the SHA extensions,
+# so under callgrind it runs the portable code (see scenario_instructions).
+SHA_FUNCTION = "sha2::sha256::compress256"
 
 
 def callgrind_instructions(argv, cwd, env, name):
@@ -485,6 +488,22 @@ def callgrind_instructions(argv, cwd, env, name):
     if rc != 0 or not m:
         raise RuntimeError(f"{name}: callgrind run failed (exit {rc}); see {err_path}")
     return int(m.group(1))
+
+
+def callgrind_self(profile, function):
+    """Instructions spent in `function` itself (all of its inlined parts), read with
+    callgrind_annotate from a profile; None when that tool is missing."""
+    if shutil.which("callgrind_annotate") is None:
+        return None
+    text = subprocess.run(["callgrind_annotate", "--threshold=100", str(profile)],
+                          capture_output=True, text=True, check=True).stdout
+    total = 0
+    for line in text.splitlines():
+        # "1,234 ( 0.5%)  /path/file.rs:crate::function [/binary]"
+        m = re.match(r"\s*([\d,]+) \([ \d.]+%\)\s+(\S+)", line)
+        if m and m.group(2).endswith(":" + function):
+            total += int(m.group(1).replace(",", ""))
+    return total
 
 
 def scenario_instructions(args, tmp, table):
@@ -533,6 +552,18 @@ def scenario_instructions(args, tmp, table):
         if prog != "paysync":
             value += f"; {per_order[prog] / per_order['paysync']:.1f}x paysync's"
         table.add(sc, label, value)
+        if prog == "paysync":
+            # valgrind's CPU has no SHA extensions, so the sha2 crate takes its
+            # portable path here; natively it uses the CPU's SHA instructions.
+            sha = [callgrind_self(tmp / f"instr-paysync-{n}" / "paysync.callgrind",
+                                  SHA_FUNCTION) for n in INSTR_SIZES]
+            if None not in sha:
+                sha_per_order = (sha[1] - sha[0]) / (hi - lo)
+                table.add(sc, "paysync: of which SHA-256 in software",
+                          f"{sha_per_order / 1000:.1f}k per order (output file digest and "
+                          f"request signatures; valgrind hides the CPU's SHA extensions, "
+                          f"which native runs use); {(per_order[prog] - sha_per_order) / 1000:.1f}k "
+                          f"per order without it")
 
 
 def scenario_peer(args, tmp, table, paysync_full):

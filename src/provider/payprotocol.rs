@@ -283,26 +283,36 @@ struct Envelope<T> {
 }
 
 /// `data` of `GET /payment/detail`. Everything but `outTradeNo` may be absent.
+/// Text borrows from the body when it has no escapes, so only what the detail
+/// keeps is copied.
 #[derive(Debug, Default, Deserialize)]
 #[serde(rename_all = "camelCase", default)]
-struct DetailDto {
+struct DetailDto<'a> {
     chain_id: Option<i64>,
-    out_trade_no: Option<String>,
-    out_payment_no: Option<String>,
-    quote_currency_symbol: Option<String>,
-    #[serde(deserialize_with = "string_or_number")]
-    quote_amount: Option<String>,
+    #[serde(borrow)]
+    out_trade_no: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    out_payment_no: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    quote_currency_symbol: Option<Cow<'a, str>>,
+    #[serde(borrow, deserialize_with = "string_or_number")]
+    quote_amount: Option<Cow<'a, str>>,
     payment_status: Option<i64>,
     payment_type: Option<i64>,
-    #[serde(deserialize_with = "string_or_number")]
-    expected_amount: Option<String>,
-    #[serde(deserialize_with = "string_or_number")]
-    settlement_amount: Option<String>,
-    settlement_currency_symbol: Option<String>,
-    transfer_hash: Option<String>,
-    user_wallet_address: Option<String>,
-    from_address: Option<String>,
-    create_time: Option<String>,
+    #[serde(borrow, deserialize_with = "string_or_number")]
+    expected_amount: Option<Cow<'a, str>>,
+    #[serde(borrow, deserialize_with = "string_or_number")]
+    settlement_amount: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    settlement_currency_symbol: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    transfer_hash: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    user_wallet_address: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    from_address: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    create_time: Option<Cow<'a, str>>,
     block_time: Option<i64>,
 }
 
@@ -316,15 +326,41 @@ pub(crate) struct CurrencyDto {
 }
 
 /// Amount fields are documented as strings; accept bare integers too (never floats).
-fn string_or_number<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
-    match Option::<serde_json::Value>::deserialize(d)? {
-        None | Some(serde_json::Value::Null) => Ok(None),
-        Some(serde_json::Value::String(s)) => Ok(Some(s)),
-        Some(serde_json::Value::Number(n)) if n.is_i64() || n.is_u64() => Ok(Some(n.to_string())),
-        Some(other) => Err(serde::de::Error::custom(format!(
-            "expected an amount string, got {other}"
-        ))),
+fn string_or_number<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<Cow<'de, str>>, D::Error> {
+    struct Amount;
+    impl<'de> serde::de::Visitor<'de> for Amount {
+        type Value = Option<Cow<'de, str>>;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("an amount string or integer")
+        }
+        fn visit_borrowed_str<E: serde::de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
+            Ok(Some(Cow::Borrowed(v)))
+        }
+        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
+            Ok(Some(Cow::Owned(v.to_owned())))
+        }
+        fn visit_string<E: serde::de::Error>(self, v: String) -> Result<Self::Value, E> {
+            Ok(Some(Cow::Owned(v)))
+        }
+        fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Self::Value, E> {
+            Ok(Some(Cow::Owned(v.to_string())))
+        }
+        fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Self::Value, E> {
+            Ok(Some(Cow::Owned(v.to_string())))
+        }
+        fn visit_unit<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_none<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_some<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+            d.deserialize_any(self)
+        }
     }
+    d.deserialize_option(Amount)
 }
 
 /// The normalized status of a `paymentStatus` code.
@@ -361,8 +397,8 @@ fn snippet(body: &[u8]) -> String {
 
 /// Classifies the HTTP layer and the envelope; `Ok(Some(data))` on success,
 /// `Ok(None)` for a success envelope without data.
-fn classify_envelope<T: serde::de::DeserializeOwned>(
-    raw: &RawResponse,
+fn classify_envelope<'a, T: Deserialize<'a>>(
+    raw: &'a RawResponse,
 ) -> Result<Option<T>, FetchError> {
     let status = raw.status;
     match status {
@@ -435,8 +471,14 @@ pub(crate) fn classify_currencies(raw: &RawResponse) -> Result<Vec<CurrencyDto>,
     Ok(list.into_iter().map(|Object(c)| c).collect())
 }
 
-fn non_empty(s: Option<String>) -> Option<String> {
-    s.filter(|v| !v.trim().is_empty())
+/// The text, unless it is missing or blank.
+fn non_empty<'a>(s: &'a Option<Cow<'_, str>>) -> Option<&'a str> {
+    s.as_deref().filter(|v| !v.trim().is_empty())
+}
+
+/// [`non_empty`], owned.
+fn non_empty_owned(s: Option<Cow<'_, str>>) -> Option<String> {
+    s.filter(|v| !v.trim().is_empty()).map(Cow::into_owned)
 }
 
 /// Turns one `GET /payment/detail` answer into a detail or a failure class.
@@ -460,12 +502,12 @@ pub fn classify_detail(
         .ok_or_else(|| malformed("paymentStatus is missing".into()))?;
     let mut d = PayDetail::new(code.to_string(), map_status(code));
     d.chain_id = data.chain_id.map(|c| c.to_string());
-    let currency = non_empty(data.settlement_currency_symbol);
-    let scale = |field: &str, units: Option<String>| -> Result<Option<Amount>, FetchError> {
+    let currency = non_empty(&data.settlement_currency_symbol);
+    let scale = |field: &str, units: &Option<Cow<'_, str>>| -> Result<Option<Amount>, FetchError> {
         let Some(units) = non_empty(units) else {
             return Ok(None);
         };
-        let (Some(chain), Some(sym)) = (data.chain_id, currency.as_deref()) else {
+        let (Some(chain), Some(sym)) = (data.chain_id, currency) else {
             return Err(FetchError::Rejected(format!(
                 "{field} {units} has no chain or currency to scale it by"
             )));
@@ -475,29 +517,29 @@ pub fn classify_detail(
                 "no decimals known for {sym} on chain {chain}; add it to [provider.decimals]"
             ))
         })?;
-        Amount::from_base_units(&units, dec)
+        Amount::from_base_units(units, dec)
             .map(Some)
             .map_err(|e| malformed(format!("{field}: {e}")))
     };
-    d.amount = scale("settlementAmount", data.settlement_amount)?;
+    d.amount = scale("settlementAmount", &data.settlement_amount)?;
     // Unpaid orders may not name their settlement currency yet: the expected amount
     // then has no scale and is left empty rather than failing the order.
     d.expected_amount = if currency.is_some() {
-        scale("expectedAmount", data.expected_amount)?
+        scale("expectedAmount", &data.expected_amount)?
     } else {
         None
     };
-    d.currency = currency.clone();
-    d.quote_amount = non_empty(data.quote_amount)
-        .map(|q| Amount::parse_decimal(&q))
+    d.currency = currency.map(str::to_owned);
+    d.quote_amount = non_empty(&data.quote_amount)
+        .map(Amount::parse_decimal)
         .transpose()
         .map_err(|e| malformed(format!("quoteAmount: {e}")))?;
-    d.quote_currency = non_empty(data.quote_currency_symbol);
-    d.payment_no = non_empty(data.out_payment_no);
+    d.quote_currency = non_empty_owned(data.quote_currency_symbol);
+    d.payment_no = non_empty_owned(data.out_payment_no);
     d.payment_method = data.payment_type.map(payment_method);
-    d.tx_hash = non_empty(data.transfer_hash);
-    d.from_address = non_empty(data.from_address);
-    d.to_address = non_empty(data.user_wallet_address);
+    d.tx_hash = non_empty_owned(data.transfer_hash);
+    d.from_address = non_empty_owned(data.from_address);
+    d.to_address = non_empty_owned(data.user_wallet_address);
     d.created_at = match data.create_time.as_deref() {
         Some(t) => parse_provider_time(t, naive_zone).map_err(malformed)?,
         None => None,
@@ -587,6 +629,36 @@ mod tests {
         assert_eq!(d.status, PayStatus::Pending);
         assert_eq!(d.expected_amount, None);
         assert_eq!(d.amount, None);
+    }
+
+    /// Text fields are read whether or not JSON escapes are in them (the parser
+    /// borrows plain text and copies escaped text); amounts may be integers, never
+    /// fractions.
+    #[test]
+    fn escaped_text_and_integer_amounts() {
+        let body = r#"{"code":200,"data":{"outTradeNo":"X\"1","paymentStatus":0,"chainId":1,
+            "settlementCurrencySymbol":"US\u0044T","settlementAmount":1500000,
+            "expectedAmount":"15\u00300000","quoteAmount":"1.5","quoteCurrencySymbol":"USD",
+            "transferHash":"0d\\47","fromAddress":"T\/x","userWalletAddress":"TASh",
+            "outPaymentNo":"P\t1","createTime":"2024-04-03 13:40:06"}}"#;
+        let d = classify_detail(&raw(200, body), &table(), cst()).unwrap();
+        assert_eq!(d.currency.as_deref(), Some("USDT"));
+        assert_eq!(d.amount.unwrap().as_str(), "1.500000");
+        assert_eq!(d.expected_amount.unwrap().as_str(), "1.500000");
+        assert_eq!(d.quote_amount.unwrap().as_str(), "1.5");
+        assert_eq!(d.tx_hash.as_deref(), Some(r"0d\47"));
+        assert_eq!(d.from_address.as_deref(), Some("T/x"));
+        assert_eq!(d.to_address.as_deref(), Some("TASh"));
+        assert_eq!(d.payment_no.as_deref(), Some("P\t1"));
+        for amount in ["1.5", "1e6", "-1.0"] {
+            let body = format!(
+                r#"{{"code":200,"data":{{"outTradeNo":"X","paymentStatus":0,"chainId":1,"settlementCurrencySymbol":"USDT","settlementAmount":{amount}}}}}"#
+            );
+            assert!(
+                matches!(classify_detail(&raw(200, &body), &table(), cst()), Err(FetchError::Malformed { status: 200, ref detail }) if detail.contains("amount string or integer")),
+                "{amount}"
+            );
+        }
     }
 
     /// An 18-decimal amount above 2^64 base units stays exact.
