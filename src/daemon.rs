@@ -146,7 +146,7 @@ fn register(
                 order_no,
                 payment_no,
                 input: rec.columns,
-                source: rec.source.to_string(),
+                source: rec.source,
                 line: rec.line,
             }),
             Err(reason) => rejects

@@ -381,7 +381,7 @@ impl Engine {
                             order_no,
                             payment_no,
                             input: rec.columns,
-                            source: rec.source.to_string(),
+                            source: rec.source,
                             line: rec.line,
                         });
                         if batch.len() >= INGEST_BATCH {

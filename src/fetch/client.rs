@@ -286,11 +286,24 @@ macro_rules! with_inner {
 impl Connection for Stream {
     fn connected(&self) -> Connected {
         match self {
-            Stream::Direct(s) => s.connected(),
+            Stream::Direct(s) => lean(s.connected()),
             // Makes the client write absolute-form request targets.
-            Stream::Proxied(s) => s.connected().proxy(true),
-            Stream::Tunneled(s) => s.connected(),
+            Stream::Proxied(s) => lean(s.connected()).proxy(true),
+            Stream::Tunneled(s) => lean(s.connected()),
         }
+    }
+}
+
+/// What the pool needs to know of a connection: whether ALPN chose HTTP/2, and
+/// whether it goes to a proxy. Not the "extra" hyper-util's TCP connector attaches
+/// (the socket addresses, which nothing here reads): the client would copy it into
+/// every response's extensions, a map and a box per request.
+fn lean(c: Connected) -> Connected {
+    let lean = Connected::new().proxy(c.is_proxied());
+    if c.is_negotiated_h2() {
+        lean.negotiated_h2()
+    } else {
+        lean
     }
 }
 
@@ -408,6 +421,54 @@ mod tests {
         let resp = client.send(request).await.map_err(|e| chain(&e))?;
         let body = resp.into_body().collect().await.unwrap().to_bytes();
         Ok(String::from_utf8_lossy(&body).into_owned())
+    }
+
+    /// A connection keeps its protocol and proxy facts, but not the connector's
+    /// socket addresses: responses carry no copy of them.
+    #[tokio::test]
+    async fn connections_are_described_without_extras() {
+        #[derive(Clone)]
+        struct Extra;
+        for (h2, proxied) in [(false, false), (true, false), (false, true), (true, true)] {
+            let mut c = Connected::new().proxy(proxied).extra(Extra);
+            if h2 {
+                c = c.negotiated_h2();
+            }
+            let c = lean(c);
+            assert_eq!((c.is_negotiated_h2(), c.is_proxied()), (h2, proxied));
+            let mut extensions = http::Extensions::new();
+            c.get_extras(&mut extensions);
+            assert!(extensions.is_empty());
+        }
+        let (addr, _) = recording_server().await;
+        let client = HttpClient::with_proxies(None).unwrap();
+        let uri: Uri = format!("http://{addr}/x").parse().unwrap();
+        let resp = client.send(Request::get(uri)).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        assert!(
+            resp.extensions()
+                .get::<hyper_util::client::legacy::connect::HttpInfo>()
+                .is_none()
+        );
+    }
+
+    /// A request's own `Host` (what providers set from their endpoint) is sent
+    /// once, as it is; without one the client writes the same value itself.
+    #[tokio::test]
+    async fn host_is_sent_once() {
+        let (addr, heads) = recording_server().await;
+        let client = HttpClient::with_proxies(None).unwrap();
+        let endpoint = crate::fetch::Endpoint::parse(&format!("http://{addr}/api")).unwrap();
+        let uri = endpoint.uri("/x", &[]).unwrap();
+        let with_host = Request::get(uri.clone()).header(http::header::HOST, endpoint.host());
+        assert_eq!(body_of(&client, with_host).await.unwrap(), "ok");
+        assert_eq!(body_of(&client, Request::get(uri)).await.unwrap(), "ok");
+        let heads = heads.lock().unwrap().clone();
+        let want = format!("host: {addr}\r\n");
+        for head in &heads {
+            assert_eq!(head.matches("host: ").count(), 1, "{head}");
+            assert!(head.contains(&want), "{head}");
+        }
     }
 
     /// Every request carries `User-Agent: paysync/<version>` and `Accept: */*` (a

@@ -2,14 +2,15 @@
 //!
 //! - [`Endpoint`]: scheme, host and base path of an API, checked when the provider is
 //!   built; [`Endpoint::uri`] then only formats `path?query` per request and parses
-//!   that part alone (the host is never parsed again).
+//!   that part alone (the host is never parsed again); [`Endpoint::host`] is the
+//!   `Host` header of its requests, built once.
 //! - [`InvalidEndpoint`]: why a base URL cannot be used.
 //!
 //! The base path is normalized the way a browser (and the `url` crate) would, so a
 //! request goes to the same target it went to when `url::Url` built every URI.
 
-use http::Uri;
 use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{HeaderValue, Uri};
 
 /// Why a base URL cannot be used as an [`Endpoint`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -29,6 +30,9 @@ pub enum InvalidEndpoint {
 pub struct Endpoint {
     scheme: Scheme,
     authority: Authority,
+    /// `Host` of every request: the authority (a port only when it is not the
+    /// scheme's default, which `url` drops), as hyper-util would write it.
+    host: HeaderValue,
     /// The normalized base path without a trailing `/` (empty for the root).
     path: String,
 }
@@ -50,10 +54,13 @@ impl Endpoint {
         };
         let authority =
             Authority::try_from(authority).map_err(|e| InvalidEndpoint::Target(e.to_string()))?;
+        let host = HeaderValue::from_str(authority.as_str())
+            .map_err(|e| InvalidEndpoint::Target(e.to_string()))?;
         let path = url.path().trim_end_matches('/').to_owned();
         let endpoint = Self {
             scheme,
             authority,
+            host,
             path,
         };
         // Every character `url` leaves in a path is one `http` accepts; checked once
@@ -85,6 +92,12 @@ impl Endpoint {
         parts.authority = Some(self.authority.clone());
         parts.path_and_query = Some(path_and_query);
         Uri::from_parts(parts).map_err(Into::into)
+    }
+
+    /// The `Host` header of requests to this endpoint (a cheap clone). Set by the
+    /// caller, the HTTP client need not format it again for every request.
+    pub fn host(&self) -> HeaderValue {
+        self.host.clone()
     }
 }
 
@@ -126,6 +139,34 @@ mod tests {
         );
         let v6 = Endpoint::parse("http://[::1]:9/x").unwrap();
         assert_eq!(v6.uri("/y", &[]).unwrap().to_string(), "http://[::1]:9/x/y");
+    }
+
+    /// `host()` is the header hyper-util writes for a request without one: the
+    /// URI's host, with the port unless it is the scheme's default.
+    #[test]
+    fn host_header_is_the_clients() {
+        for (base, want) in [
+            ("http://127.0.0.1:8080/api/mer", "127.0.0.1:8080"),
+            ("http://h:80/x", "h"),
+            ("https://Api.Example.COM:443", "api.example.com"),
+            ("https://h:8443/", "h:8443"),
+            ("http://user:pw@h:81/", "h:81"),
+            ("http://[::1]:9/x", "[::1]:9"),
+        ] {
+            let e = Endpoint::parse(base).unwrap();
+            assert_eq!(e.host(), want, "{base}");
+            let uri = e.uri("/y", &[]).unwrap();
+            let default = if uri.scheme() == Some(&Scheme::HTTPS) {
+                443
+            } else {
+                80
+            };
+            let client = match uri.port_u16().filter(|&p| p != default) {
+                Some(port) => format!("{}:{port}", uri.host().unwrap()),
+                None => uri.host().unwrap().to_owned(),
+            };
+            assert_eq!(e.host(), client.as_str(), "{base}");
+        }
     }
 
     /// Only absolute http(s) URLs with a host are endpoints.

@@ -24,7 +24,7 @@ use std::time::Duration;
 use base64::Engine;
 use chrono::FixedOffset;
 use http::Uri;
-use http::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, HeaderName, HeaderValue};
+use http::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, HOST, HeaderName, HeaderValue};
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -770,11 +770,12 @@ impl GenAuth {
     async fn detail_once(&self, order: &OrderRef) -> Result<PayDetail, Failure> {
         self.transport.admit().await;
         let token = self.token().await.map_err(Failure::Error)?;
-        let uri = self
-            .endpoint()
-            .and_then(|base| detail_uri(base, order.order_no.as_str()).map_err(target_error))
+        let base = self.endpoint().map_err(Failure::Error)?;
+        let uri = detail_uri(base, order.order_no.as_str())
+            .map_err(target_error)
             .map_err(Failure::Error)?;
         let mut request = Request::get(uri)
+            .header(HOST, base.host())
             .header(ACCEPT, HeaderValue::from_static("application/json"))
             .header(AUTHORIZATION, token.authorization.clone())
             .header(self.brand.userpool_header(), token.userpool_id.clone())

@@ -19,7 +19,7 @@ use base64::Engine;
 use chrono::{DateTime, FixedOffset, Utc};
 use hmac::{Hmac, Mac};
 use http::Uri;
-use http::header::{HeaderName, HeaderValue};
+use http::header::{HOST, HeaderName, HeaderValue};
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use sha2::Sha256;
@@ -178,6 +178,7 @@ impl PayProtocol {
             ));
         };
         let req = Request::get(uri)
+            .header(HOST, self.base.host())
             .header(X_PAY_KEY, self.api_key.clone())
             .header(X_PAY_TIMESTAMP, ts)
             .header(X_PAY_SIGN, sig);
@@ -289,11 +290,11 @@ struct Envelope<T> {
 #[serde(rename_all = "camelCase", default)]
 struct DetailDto<'a> {
     chain_id: Option<i64>,
-    #[serde(borrow)]
+    #[serde(borrow, deserialize_with = "text")]
     out_trade_no: Option<Cow<'a, str>>,
-    #[serde(borrow)]
+    #[serde(borrow, deserialize_with = "text")]
     out_payment_no: Option<Cow<'a, str>>,
-    #[serde(borrow)]
+    #[serde(borrow, deserialize_with = "text")]
     quote_currency_symbol: Option<Cow<'a, str>>,
     #[serde(borrow, deserialize_with = "string_or_number")]
     quote_amount: Option<Cow<'a, str>>,
@@ -303,15 +304,15 @@ struct DetailDto<'a> {
     expected_amount: Option<Cow<'a, str>>,
     #[serde(borrow, deserialize_with = "string_or_number")]
     settlement_amount: Option<Cow<'a, str>>,
-    #[serde(borrow)]
+    #[serde(borrow, deserialize_with = "text")]
     settlement_currency_symbol: Option<Cow<'a, str>>,
-    #[serde(borrow)]
+    #[serde(borrow, deserialize_with = "text")]
     transfer_hash: Option<Cow<'a, str>>,
-    #[serde(borrow)]
+    #[serde(borrow, deserialize_with = "text")]
     user_wallet_address: Option<Cow<'a, str>>,
-    #[serde(borrow)]
+    #[serde(borrow, deserialize_with = "text")]
     from_address: Option<Cow<'a, str>>,
-    #[serde(borrow)]
+    #[serde(borrow, deserialize_with = "text")]
     create_time: Option<Cow<'a, str>>,
     block_time: Option<i64>,
 }
@@ -323,6 +324,37 @@ pub(crate) struct CurrencyDto {
     pub(crate) chain_id: i64,
     pub(crate) symbol: String,
     pub(crate) decimals: u32,
+}
+
+/// Optional text, borrowed from the body when it has no escapes. (`#[serde(borrow)]`
+/// alone borrows a `Cow<str>` but not an `Option<Cow<str>>`.)
+fn text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Cow<'de, str>>, D::Error> {
+    Option::<Text<'de>>::deserialize(d).map(|t| t.map(|Text(s)| s))
+}
+
+/// A JSON string as a `Cow` (see [`text`]).
+struct Text<'a>(Cow<'a, str>);
+
+impl<'de> Deserialize<'de> for Text<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct TextVisitor;
+        impl<'de> serde::de::Visitor<'de> for TextVisitor {
+            type Value = Text<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E: serde::de::Error>(self, v: &'de str) -> Result<Text<'de>, E> {
+                Ok(Text(Cow::Borrowed(v)))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Text<'de>, E> {
+                Ok(Text(Cow::Owned(v.to_owned())))
+            }
+            fn visit_string<E: serde::de::Error>(self, v: String) -> Result<Text<'de>, E> {
+                Ok(Text(Cow::Owned(v)))
+            }
+        }
+        d.deserialize_str(TextVisitor)
+    }
 }
 
 /// Amount fields are documented as strings; accept bare integers too (never floats).
@@ -650,6 +682,16 @@ mod tests {
         assert_eq!(d.from_address.as_deref(), Some("T/x"));
         assert_eq!(d.to_address.as_deref(), Some("TASh"));
         assert_eq!(d.payment_no.as_deref(), Some("P\t1"));
+        // Plain text is borrowed from the body, escaped text copied.
+        let Object(dto): Object<DetailDto> = serde_json::from_str(
+            r#"{"transferHash":"0d47","fromAddress":"T\/x","settlementAmount":"15","quoteAmount":1}"#,
+        )
+        .unwrap();
+        assert!(matches!(dto.transfer_hash, Some(Cow::Borrowed("0d47"))));
+        assert!(matches!(dto.from_address, Some(Cow::Owned(ref s)) if s == "T/x"));
+        assert!(matches!(dto.settlement_amount, Some(Cow::Borrowed("15"))));
+        assert!(matches!(dto.quote_amount, Some(Cow::Owned(ref s)) if s == "1"));
+        assert!(dto.out_trade_no.is_none());
         for amount in ["1.5", "1e6", "-1.0"] {
             let body = format!(
                 r#"{{"code":200,"data":{{"outTradeNo":"X","paymentStatus":0,"chainId":1,"settlementCurrencySymbol":"USDT","settlementAmount":{amount}}}}}"#

@@ -17,6 +17,7 @@ pub mod row;
 pub mod sqlite;
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -64,8 +65,9 @@ pub struct NewOrder {
     pub order_no: OrderNo,
     pub payment_no: Option<String>,
     pub input: InputColumns,
-    /// Where the order was read (file path) and its line number there.
-    pub source: String,
+    /// Where the order was read (file path, shared by the file's orders) and its
+    /// line number there.
+    pub source: Arc<str>,
     pub line: u64,
 }
 

@@ -579,15 +579,21 @@ impl StateStore for SqliteStore {
                 "SELECT first_run, source, line FROM orders WHERE provider = ?1 AND order_no = ?2",
             )?;
             let mut out = Vec::with_capacity(orders.len());
+            // One buffer for every order's input object.
+            let mut input = Vec::with_capacity(256);
             for o in orders {
-                let input = serde_json::to_string(&InputObject(&o.input))
+                input.clear();
+                serde_json::to_writer(&mut input, &InputObject(&o.input))
+                    .map_err(|e| StateError::Corrupt(format!("input columns: {e}")))?;
+                // serde_json writes UTF-8 (its input is `String`s).
+                let input = std::str::from_utf8(&input)
                     .map_err(|e| StateError::Corrupt(format!("input columns: {e}")))?;
                 let inserted = insert.execute(params![
                     o.provider.as_str(),
                     o.order_no.as_str(),
                     o.payment_no,
                     input,
-                    o.source,
+                    &*o.source,
                     to_i64("line", o.line)?,
                     run_id,
                     now,
@@ -765,12 +771,8 @@ impl StateStore for SqliteStore {
                 let fresh = if has_observed(&stored.observed, status, p.tracking) {
                     None
                 } else {
-                    let pair = observed_pair(status, p.tracking);
-                    let observed = if stored.observed.is_empty() {
-                        pair
-                    } else {
-                        format!("{} {pair}", stored.observed)
-                    };
+                    let mut observed = stored.observed;
+                    push_observed_pair(&mut observed, status, p.tracking);
                     Some((stored.input, stored.first_seen_at, observed))
                 };
 
@@ -1159,10 +1161,15 @@ fn save_queue_position(tx: &Transaction<'_>, q: &QueuePosition) -> Result<(), St
     Ok(())
 }
 
-/// How a (status, tracking) pair is listed in `orders.observed` (space-separated;
-/// neither name contains a space).
-fn observed_pair(status: PayStatus, tracking: Tracking) -> String {
-    format!("{}/{}", status.as_str(), tracking.as_str())
+/// Adds a (status, tracking) pair to an `orders.observed` value: `status/tracking`,
+/// space-separated from the pairs before it (neither name contains a space).
+fn push_observed_pair(observed: &mut String, status: PayStatus, tracking: Tracking) {
+    if !observed.is_empty() {
+        observed.push(' ');
+    }
+    observed.push_str(status.as_str());
+    observed.push('/');
+    observed.push_str(tracking.as_str());
 }
 
 /// Whether `observed` (an `orders.observed` value) lists the pair, without
