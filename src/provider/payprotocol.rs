@@ -272,14 +272,15 @@ impl<'de, T: Deserialize<'de>> Deserialize<'de> for Object<T> {
     }
 }
 
-/// The response envelope `{code, msg, description?, data}`.
+/// The response envelope `{code, msg, description?, data}`. The texts, read only
+/// for errors, borrow from the body.
 #[derive(Debug, Deserialize)]
-struct Envelope<T> {
+struct Envelope<'a, T> {
     code: Option<i64>,
-    #[serde(default)]
-    msg: Option<String>,
-    #[serde(default)]
-    description: Option<String>,
+    #[serde(default, borrow, deserialize_with = "text")]
+    msg: Option<Cow<'a, str>>,
+    #[serde(default, borrow, deserialize_with = "text")]
+    description: Option<Cow<'a, str>>,
     data: Option<T>,
 }
 
@@ -468,10 +469,10 @@ fn classify_envelope<'a, T: Deserialize<'a>>(
     let malformed = |detail: String| FetchError::Malformed { status, detail };
     let body = std::str::from_utf8(&raw.body)
         .map_err(|e| malformed(format!("the body is not UTF-8: {e}")))?;
-    let Object(env): Object<Envelope<T>> =
+    let Object(env): Object<Envelope<'a, T>> =
         serde_json::from_str(body).map_err(|e| malformed(e.to_string()))?;
     let msg = || {
-        let mut m = env.msg.clone().unwrap_or_default();
+        let mut m = env.msg.as_deref().unwrap_or_default().to_owned();
         if let Some(d) = env.description.as_deref().filter(|d| !d.is_empty()) {
             m = format!("{m} ({d})");
         }

@@ -1164,12 +1164,14 @@ fn save_queue_position(tx: &Transaction<'_>, q: &QueuePosition) -> Result<(), St
 /// Adds a (status, tracking) pair to an `orders.observed` value: `status/tracking`,
 /// space-separated from the pairs before it (neither name contains a space).
 fn push_observed_pair(observed: &mut String, status: PayStatus, tracking: Tracking) {
+    let (status, tracking) = (status.as_str(), tracking.as_str());
+    observed.reserve(status.len() + tracking.len() + 2);
     if !observed.is_empty() {
         observed.push(' ');
     }
-    observed.push_str(status.as_str());
+    observed.push_str(status);
     observed.push('/');
-    observed.push_str(tracking.as_str());
+    observed.push_str(tracking);
 }
 
 /// Whether `observed` (an `orders.observed` value) lists the pair, without
