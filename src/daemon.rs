@@ -145,7 +145,7 @@ fn register(
                 provider: d.engine.kind,
                 order_no,
                 payment_no,
-                input: rec.columns,
+                input: rec.input,
                 source: rec.source,
                 line: rec.line,
             }),

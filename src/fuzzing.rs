@@ -169,7 +169,7 @@ pub fn csv_reader(data: &[u8]) {
             .collect();
         let Some(fields) = fields else {
             assert_eq!(rec.parsed, Err(RejectReason::NotUtf8));
-            assert!(rec.columns.is_empty());
+            assert!(rec.input.is_empty());
             continue;
         };
         if fields.len() != header.len() {
@@ -178,14 +178,11 @@ pub fn csv_reader(data: &[u8]) {
                 expected: header.len(),
             };
             assert_eq!(rec.parsed, Err(want_err));
-            assert!(rec.columns.is_empty());
+            assert!(rec.input.is_empty());
             continue;
         }
-        let cols: Vec<(&str, &str)> = rec
-            .columns
-            .iter()
-            .map(|(k, v)| (k.as_str(), v.as_str()))
-            .collect();
+        let cols = rec.input.columns();
+        let cols: Vec<(&str, &str)> = cols.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
         let want_cols: Vec<(&str, &str)> = header
             .iter()
             .map(String::as_str)
@@ -216,7 +213,7 @@ struct QueueLine {
 fn queue_lines(recs: &[InputRecord]) -> Vec<QueueLine> {
     recs.iter()
         .map(|r| {
-            assert!(r.columns.is_empty());
+            assert!(r.input.is_empty());
             if let Ok((no, pay)) = &r.parsed {
                 check_order_no(no);
                 assert_eq!(*pay, None);

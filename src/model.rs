@@ -6,8 +6,10 @@
 //! - [`Tracking`]: whether paysync still polls an order.
 //! - [`Amount`]: an exact decimal string; never a float.
 //! - [`PayDetail`]: one provider answer, normalized.
-//! - [`InputColumns`]: the input row's columns, passed through to the output.
+//! - [`InputColumns`]: the input row's columns, passed through to the output;
+//!   [`InputJson`]: the same as the JSON object stored with an order.
 
+use std::borrow::Cow;
 use std::fmt;
 
 use chrono::{DateTime, SecondsFormat, Utc};
@@ -533,13 +535,47 @@ mod rfc3339_req {
     }
 }
 
-/// Input columns serialized as the JSON object an [`Observation`]'s `input` is
-/// written as (keys in column order).
-pub struct InputObject<'a>(pub &'a [(String, String)]);
+/// An input row's columns as the JSON object stored with its order and copied into
+/// each of its output rows as `input` (keys in column order): written once, when
+/// the row is read, straight from its fields.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InputJson(Cow<'static, str>);
 
-impl Serialize for InputObject<'_> {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        input_object::serialize(self.0, s)
+impl InputJson {
+    /// No columns: queue lines, and CSV rows whose fields cannot be read.
+    pub const EMPTY: InputJson = InputJson(Cow::Borrowed("{}"));
+
+    /// The object of `(name, value)` columns, in order.
+    pub fn from_columns<'a>(columns: impl IntoIterator<Item = (&'a str, &'a str)>) -> Self {
+        use serde::ser::{SerializeMap, Serializer};
+        let mut out = Vec::with_capacity(128);
+        let mut ser = serde_json::Serializer::new(&mut out);
+        let written = ser.serialize_map(None).and_then(|mut map| {
+            for (name, value) in columns {
+                map.serialize_entry(name, value)?;
+            }
+            map.end()
+        });
+        written.expect("strings always encode");
+        Self(Cow::Owned(
+            String::from_utf8(out).expect("serde_json writes UTF-8"),
+        ))
+    }
+
+    /// The JSON text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// Whether there are no columns.
+    pub fn is_empty(&self) -> bool {
+        self.0 == "{}"
+    }
+
+    /// The columns, in order.
+    pub fn columns(&self) -> InputColumns {
+        let mut de = serde_json::Deserializer::from_str(&self.0);
+        input_object::deserialize(&mut de).expect("written by from_columns")
     }
 }
 

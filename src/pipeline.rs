@@ -380,7 +380,7 @@ impl Engine {
                             provider: self.kind,
                             order_no,
                             payment_no,
-                            input: rec.columns,
+                            input: rec.input,
                             source: rec.source,
                             line: rec.line,
                         });

@@ -17,6 +17,7 @@ use std::sync::Arc;
 use ::csv::{ByteRecord, Reader, ReaderBuilder};
 
 use super::{InputError, InputRecord, InputSpec, RejectReason, parse_order, strip_line_end};
+use crate::model::InputJson;
 
 const UTF8_BOM: &[u8] = b"\xEF\xBB\xBF";
 
@@ -204,7 +205,7 @@ impl CsvRecords {
             source: Arc::clone(&self.source),
             line: row.line,
             raw: row.raw,
-            columns: Vec::new(),
+            input: InputJson::EMPTY,
             parsed: Err(RejectReason::NotUtf8),
         };
         if let Some(msg) = row.malformed {
@@ -226,12 +227,12 @@ impl CsvRecords {
             return rec;
         }
         rec.parsed = parse_order(fields[self.order_idx], self.payment_idx.map(|i| fields[i]));
-        rec.columns = self
-            .header
-            .iter()
-            .zip(&fields)
-            .map(|(name, value)| (name.clone(), (*value).to_owned()))
-            .collect();
+        rec.input = InputJson::from_columns(
+            self.header
+                .iter()
+                .map(String::as_str)
+                .zip(fields.iter().copied()),
+        );
         rec
     }
 }
@@ -282,7 +283,7 @@ mod tests {
         assert_eq!(recs[0].line, 2);
         assert_eq!(recs[0].raw, "A1,hello");
         assert_eq!(
-            recs[0].columns,
+            recs[0].input.columns(),
             vec![
                 ("order_no".to_owned(), "A1".to_owned()),
                 ("note".to_owned(), "hello".to_owned())
@@ -301,7 +302,7 @@ mod tests {
         let recs = read(data);
         let got: Vec<_> = recs.iter().map(|r| (order(r), r.line)).collect();
         assert_eq!(got, vec![("A1", 5), ("A2", 10), ("A3", 11)]);
-        assert_eq!(recs[0].columns[1].1, "multi\r\nline\nnote");
+        assert_eq!(recs[0].input.columns()[1].1, "multi\r\nline\nnote");
         assert_eq!(recs[0].raw, "A1,\"multi\r\nline\nnote\"");
         assert_eq!(recs[2].raw, "A3,y");
     }
@@ -323,7 +324,7 @@ mod tests {
             recs[1].parsed.as_ref().unwrap_err().to_string(),
             "row has 2 fields, header has 3"
         );
-        assert!(recs[1].columns.is_empty());
+        assert!(recs[1].input.is_empty());
         assert_eq!(recs[1].raw, "A2,1");
         assert!(matches!(
             recs[2].parsed,
@@ -373,7 +374,7 @@ mod tests {
             "order number is empty"
         );
         // Input columns keep the value as written.
-        assert_eq!(recs[2].columns[0].1, " A1 ");
+        assert_eq!(recs[2].input.columns()[0].1, " A1 ");
     }
 
     /// The configured columns are used; the payment number is trimmed and empty
@@ -439,10 +440,10 @@ mod tests {
         let data = format!("order_no,note\nA1,{big}\nA2,{quoted}\nA3,z\n");
         let recs = read(data.as_bytes());
         assert_eq!(recs.len(), 3);
-        assert_eq!(recs[0].columns[1].1, big);
+        assert_eq!(recs[0].input.columns()[1].1, big);
         assert_eq!(recs[0].raw.len(), 3 + big.len());
         assert_eq!(
-            recs[1].columns[1].1,
+            recs[1].input.columns()[1].1,
             format!("a,b\"{}\n", "y".repeat(20_000))
         );
         assert_eq!((order(&recs[2]), recs[2].line), ("A3", 5));
@@ -558,8 +559,8 @@ mod tests {
                 prop_assert_eq!(recs.len(), want.len());
                 for (rec, (line, row)) in recs.iter().zip(&want) {
                     prop_assert_eq!(rec.line, *line);
-                    let cells: Vec<&str> = rec.columns.iter().map(|(_, v)| v.as_str()).collect();
-                    prop_assert_eq!(cells, row.iter().map(String::as_str).collect::<Vec<_>>());
+                    let cells: Vec<String> = rec.input.columns().into_iter().map(|(_, v)| v).collect();
+                    prop_assert_eq!(&cells, row);
                     match (&rec.parsed, OrderNo::parse(&row[idx])) {
                         (Ok((no, None)), Ok(want_no)) => prop_assert_eq!(no, &want_no),
                         (Err(RejectReason::OrderNo(got)), Err(want_err)) => {

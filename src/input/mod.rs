@@ -25,7 +25,7 @@ use std::io::{self, BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::model::{InputColumns, InvalidOrderNo, OrderNo};
+use crate::model::{InputJson, InvalidOrderNo, OrderNo};
 
 pub use self::csv::CsvRecords;
 pub use self::identity::{
@@ -101,9 +101,10 @@ pub struct InputRecord {
     pub line: u64,
     /// The row's raw text without its line terminator (lossy UTF-8).
     pub raw: String,
-    /// Every CSV column (name, value) in header order; empty for queue lines and
-    /// for CSV rows that are not valid UTF-8 or have the wrong number of fields.
-    pub columns: InputColumns,
+    /// Every CSV column (name, value) in header order, as the JSON object stored
+    /// with the order; empty for queue lines and for CSV rows that are not valid
+    /// UTF-8 or have the wrong number of fields.
+    pub input: InputJson,
     /// The order (and payment) number, or why the row cannot be used.
     pub parsed: Result<ParsedOrder, RejectReason>,
 }

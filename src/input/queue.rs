@@ -15,6 +15,7 @@ use std::sync::Arc;
 
 use super::identity::queue_identity;
 use super::{InputError, InputRecord, RejectReason, open_file, parse_order, strip_line_end};
+use crate::model::InputJson;
 
 const UTF8_BOM: &[u8] = b"\xEF\xBB\xBF";
 
@@ -103,7 +104,7 @@ fn queue_record(source: &Arc<str>, line: u64, bytes: &[u8], too_long: bool) -> O
         source: Arc::clone(source),
         line,
         raw: String::from_utf8_lossy(content).into_owned(),
-        columns: Vec::new(),
+        input: InputJson::EMPTY,
         parsed,
     })
 }
@@ -455,7 +456,7 @@ mod tests {
             vec![(2, "A1".into()), (4, "A2".into()), (7, "A3".into())]
         );
         assert_eq!(recs[0].raw, "A1");
-        assert!(recs[0].columns.is_empty());
+        assert!(recs[0].input.is_empty());
         assert_eq!(recs[0].parsed.as_ref().unwrap().1, None);
     }
 

@@ -192,7 +192,7 @@ mod tests {
             source: Arc::from("q.txt"),
             line: 7,
             raw: "a\nb".into(),
-            columns: Vec::new(),
+            input: crate::model::InputJson::EMPTY,
             parsed: Err(RejectReason::OrderNo(InvalidOrderNo::Whitespace)),
         };
         assert!(w.write_record(&rec).unwrap());

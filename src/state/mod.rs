@@ -23,7 +23,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
-use crate::model::{InputColumns, Observation, OrderNo, PayDetail, PayStatus, Tracking};
+use crate::model::{InputJson, Observation, OrderNo, PayDetail, PayStatus, Tracking};
 use crate::provider::ProviderKind;
 
 pub use sqlite::SqliteStore;
@@ -64,7 +64,8 @@ pub struct NewOrder {
     pub provider: ProviderKind,
     pub order_no: OrderNo,
     pub payment_no: Option<String>,
-    pub input: InputColumns,
+    /// The input row's columns (see [`InputJson`]).
+    pub input: InputJson,
     /// Where the order was read (file path, shared by the file's orders) and its
     /// line number there.
     pub source: Arc<str>,

@@ -50,7 +50,7 @@ macro_rules! key {
 }
 
 /// The JSONL text of the observation `f` with `input` (the order's input columns
-/// as the JSON object [`crate::model::InputObject`] wrote) as its `input` field:
+/// as the JSON object [`crate::model::InputJson`] holds) as its `input` field:
 /// what `serde_json` writes for that [`Observation`]. Input text that is not an
 /// object is refused.
 pub fn observation_row(f: &RowFields<'_>, input: &str) -> Result<String, String> {
@@ -170,7 +170,7 @@ fn needs_escape(s: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{Amount, InputObject, Observation};
+    use crate::model::{Amount, InputJson, Observation};
     use chrono::{DateTime, Utc};
     use proptest::prelude::*;
 
@@ -290,9 +290,10 @@ mod tests {
         /// the stored input object spliced in.
         #[test]
         fn rows_are_serde_json_encodings(obs in observation()) {
-            let stored = serde_json::to_string(&InputObject(&obs.input)).unwrap();
+            let stored = InputJson::from_columns(obs.input.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+            prop_assert_eq!(stored.columns(), obs.input.clone());
             let detail = detail_of(&obs);
-            let row = observation_row(&fields(&obs, &detail), &stored).unwrap();
+            let row = observation_row(&fields(&obs, &detail), stored.as_str()).unwrap();
             prop_assert_eq!(row, serde_json::to_string(&obs).unwrap());
         }
     }

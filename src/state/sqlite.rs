@@ -89,7 +89,7 @@ use super::{
     QueuePosition, RunRecord, SCHEMA_VERSION, StateError, StateStore, StatusCount, StatusReport,
     row,
 };
-use crate::model::{InputObject, Observation, OrderNo, PayDetail, PayStatus, Tracking};
+use crate::model::{Observation, OrderNo, PayDetail, PayStatus, Tracking};
 use crate::provider::ProviderKind;
 
 /// How long a statement waits for a SQLite lock held by another connection (only
@@ -579,20 +579,12 @@ impl StateStore for SqliteStore {
                 "SELECT first_run, source, line FROM orders WHERE provider = ?1 AND order_no = ?2",
             )?;
             let mut out = Vec::with_capacity(orders.len());
-            // One buffer for every order's input object.
-            let mut input = Vec::with_capacity(256);
             for o in orders {
-                input.clear();
-                serde_json::to_writer(&mut input, &InputObject(&o.input))
-                    .map_err(|e| StateError::Corrupt(format!("input columns: {e}")))?;
-                // serde_json writes UTF-8 (its input is `String`s).
-                let input = std::str::from_utf8(&input)
-                    .map_err(|e| StateError::Corrupt(format!("input columns: {e}")))?;
                 let inserted = insert.execute(params![
                     o.provider.as_str(),
                     o.order_no.as_str(),
                     o.payment_no,
-                    input,
+                    o.input.as_str(),
                     &*o.source,
                     to_i64("line", o.line)?,
                     run_id,
@@ -1282,11 +1274,11 @@ mod tests {
             provider: PP,
             order_no: no(order_no),
             payment_no: Some(format!("pay-{order_no}")),
-            input: vec![
-                ("order_no".into(), order_no.into()),
-                ("customer".into(), "ACME".into()),
-                ("amount".into(), "=1+1".into()),
-            ],
+            input: crate::model::InputJson::from_columns([
+                ("order_no", order_no),
+                ("customer", "ACME"),
+                ("amount", "=1+1"),
+            ]),
             source: "in.csv".into(),
             line,
         }
@@ -1859,7 +1851,7 @@ mod tests {
         assert_eq!(paid.payment_no.as_deref(), Some("P-1"));
         assert_eq!(paid.first_seen_at, at(0));
         assert_eq!(paid.error, None);
-        assert_eq!(paid.input, new_order("A", 0).input);
+        assert_eq!(paid.input, new_order("A", 0).input.columns());
 
         // The same pair in a later run (say, a re-poll) writes nothing new.
         s.record_polls(
