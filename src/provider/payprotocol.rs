@@ -275,12 +275,13 @@ impl<'de, T: Deserialize<'de>> Deserialize<'de> for Object<T> {
 /// The response envelope `{code, msg, description?, data}`. The texts, read only
 /// for errors, borrow from the body.
 #[derive(Debug, Deserialize)]
+#[serde(bound(deserialize = "'de: 'a, T: Deserialize<'de>"))]
 struct Envelope<'a, T> {
     code: Option<i64>,
-    #[serde(default, borrow, deserialize_with = "text")]
-    msg: Option<Cow<'a, str>>,
-    #[serde(default, borrow, deserialize_with = "text")]
-    description: Option<Cow<'a, str>>,
+    #[serde(default)]
+    msg: Option<Text<'a>>,
+    #[serde(default)]
+    description: Option<Text<'a>>,
     data: Option<T>,
 }
 
@@ -288,33 +289,22 @@ struct Envelope<'a, T> {
 /// Text borrows from the body when it has no escapes, so only what the detail
 /// keeps is copied.
 #[derive(Debug, Default, Deserialize)]
-#[serde(rename_all = "camelCase", default)]
+#[serde(rename_all = "camelCase", default, bound(deserialize = "'de: 'a"))]
 struct DetailDto<'a> {
     chain_id: Option<i64>,
-    #[serde(borrow, deserialize_with = "text")]
-    out_trade_no: Option<Cow<'a, str>>,
-    #[serde(borrow, deserialize_with = "text")]
-    out_payment_no: Option<Cow<'a, str>>,
-    #[serde(borrow, deserialize_with = "text")]
-    quote_currency_symbol: Option<Cow<'a, str>>,
-    #[serde(borrow, deserialize_with = "string_or_number")]
-    quote_amount: Option<Cow<'a, str>>,
+    out_trade_no: Option<Text<'a>>,
+    out_payment_no: Option<Text<'a>>,
+    quote_currency_symbol: Option<Text<'a>>,
+    quote_amount: Option<AmountText<'a>>,
     payment_status: Option<i64>,
     payment_type: Option<i64>,
-    #[serde(borrow, deserialize_with = "string_or_number")]
-    expected_amount: Option<Cow<'a, str>>,
-    #[serde(borrow, deserialize_with = "string_or_number")]
-    settlement_amount: Option<Cow<'a, str>>,
-    #[serde(borrow, deserialize_with = "text")]
-    settlement_currency_symbol: Option<Cow<'a, str>>,
-    #[serde(borrow, deserialize_with = "text")]
-    transfer_hash: Option<Cow<'a, str>>,
-    #[serde(borrow, deserialize_with = "text")]
-    user_wallet_address: Option<Cow<'a, str>>,
-    #[serde(borrow, deserialize_with = "text")]
-    from_address: Option<Cow<'a, str>>,
-    #[serde(borrow, deserialize_with = "text")]
-    create_time: Option<Cow<'a, str>>,
+    expected_amount: Option<AmountText<'a>>,
+    settlement_amount: Option<AmountText<'a>>,
+    settlement_currency_symbol: Option<Text<'a>>,
+    transfer_hash: Option<Text<'a>>,
+    user_wallet_address: Option<Text<'a>>,
+    from_address: Option<Text<'a>>,
+    create_time: Option<Text<'a>>,
     block_time: Option<i64>,
 }
 
@@ -327,73 +317,80 @@ pub(crate) struct CurrencyDto {
     pub(crate) decimals: u32,
 }
 
-/// Optional text, borrowed from the body when it has no escapes. (`#[serde(borrow)]`
-/// alone borrows a `Cow<str>` but not an `Option<Cow<str>>`.)
-fn text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Cow<'de, str>>, D::Error> {
-    Option::<Text<'de>>::deserialize(d).map(|t| t.map(|Text(s)| s))
-}
-
-/// A JSON string as a `Cow` (see [`text`]).
+/// JSON text, borrowed from the body when it has no escapes and copied when it
+/// has. (A field of type `Option<Cow<str>>` would always be copied: serde borrows
+/// a bare `Cow<str>` only.)
+#[derive(Debug)]
 struct Text<'a>(Cow<'a, str>);
 
-impl<'de> Deserialize<'de> for Text<'de> {
+/// An amount: documented as a string; a bare integer is taken too, never a fraction.
+#[derive(Debug)]
+struct AmountText<'a>(Cow<'a, str>);
+
+impl<'de: 'a, 'a> Deserialize<'de> for Text<'a> {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct TextVisitor;
-        impl<'de> serde::de::Visitor<'de> for TextVisitor {
-            type Value = Text<'de>;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a string")
-            }
-            fn visit_borrowed_str<E: serde::de::Error>(self, v: &'de str) -> Result<Text<'de>, E> {
-                Ok(Text(Cow::Borrowed(v)))
-            }
-            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Text<'de>, E> {
-                Ok(Text(Cow::Owned(v.to_owned())))
-            }
-            fn visit_string<E: serde::de::Error>(self, v: String) -> Result<Text<'de>, E> {
-                Ok(Text(Cow::Owned(v)))
-            }
-        }
-        d.deserialize_str(TextVisitor)
+        d.deserialize_str(TextVisitor { integers: false }).map(Text)
     }
 }
 
-/// Amount fields are documented as strings; accept bare integers too (never floats).
-fn string_or_number<'de, D: serde::Deserializer<'de>>(
-    d: D,
-) -> Result<Option<Cow<'de, str>>, D::Error> {
-    struct Amount;
-    impl<'de> serde::de::Visitor<'de> for Amount {
-        type Value = Option<Cow<'de, str>>;
-        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-            f.write_str("an amount string or integer")
-        }
-        fn visit_borrowed_str<E: serde::de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
-            Ok(Some(Cow::Borrowed(v)))
-        }
-        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
-            Ok(Some(Cow::Owned(v.to_owned())))
-        }
-        fn visit_string<E: serde::de::Error>(self, v: String) -> Result<Self::Value, E> {
-            Ok(Some(Cow::Owned(v)))
-        }
-        fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Self::Value, E> {
-            Ok(Some(Cow::Owned(v.to_string())))
-        }
-        fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Self::Value, E> {
-            Ok(Some(Cow::Owned(v.to_string())))
-        }
-        fn visit_unit<E: serde::de::Error>(self) -> Result<Self::Value, E> {
-            Ok(None)
-        }
-        fn visit_none<E: serde::de::Error>(self) -> Result<Self::Value, E> {
-            Ok(None)
-        }
-        fn visit_some<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
-            d.deserialize_any(self)
+impl<'de: 'a, 'a> Deserialize<'de> for AmountText<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(TextVisitor { integers: true })
+            .map(AmountText)
+    }
+}
+
+impl std::ops::Deref for Text<'_> {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::ops::Deref for AmountText<'_> {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+/// Reads a JSON string, or with `integers` also an integer, as text.
+struct TextVisitor {
+    integers: bool,
+}
+
+impl<'de> serde::de::Visitor<'de> for TextVisitor {
+    type Value = Cow<'de, str>;
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(if self.integers {
+            "an amount string or integer"
+        } else {
+            "a string"
+        })
+    }
+    fn visit_borrowed_str<E: serde::de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
+        Ok(Cow::Borrowed(v))
+    }
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
+        Ok(Cow::Owned(v.to_owned()))
+    }
+    fn visit_string<E: serde::de::Error>(self, v: String) -> Result<Self::Value, E> {
+        Ok(Cow::Owned(v))
+    }
+    fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Self::Value, E> {
+        if self.integers {
+            Ok(Cow::Owned(v.to_string()))
+        } else {
+            Err(E::invalid_type(serde::de::Unexpected::Unsigned(v), &self))
         }
     }
-    d.deserialize_option(Amount)
+    fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Self::Value, E> {
+        if self.integers {
+            Ok(Cow::Owned(v.to_string()))
+        } else {
+            Err(E::invalid_type(serde::de::Unexpected::Signed(v), &self))
+        }
+    }
 }
 
 /// The normalized status of a `paymentStatus` code.
@@ -505,13 +502,14 @@ pub(crate) fn classify_currencies(raw: &RawResponse) -> Result<Vec<CurrencyDto>,
 }
 
 /// The text, unless it is missing or blank.
-fn non_empty<'a>(s: &'a Option<Cow<'_, str>>) -> Option<&'a str> {
+fn non_empty<T: std::ops::Deref<Target = str>>(s: &Option<T>) -> Option<&str> {
     s.as_deref().filter(|v| !v.trim().is_empty())
 }
 
 /// [`non_empty`], owned.
-fn non_empty_owned(s: Option<Cow<'_, str>>) -> Option<String> {
-    s.filter(|v| !v.trim().is_empty()).map(Cow::into_owned)
+fn non_empty_owned(s: Option<Text<'_>>) -> Option<String> {
+    s.filter(|v| !v.trim().is_empty())
+        .map(|Text(t)| t.into_owned())
 }
 
 /// Turns one `GET /payment/detail` answer into a detail or a failure class.
@@ -536,24 +534,25 @@ pub fn classify_detail(
     let mut d = PayDetail::new(code.to_string(), map_status(code));
     d.chain_id = data.chain_id.map(|c| c.to_string());
     let currency = non_empty(&data.settlement_currency_symbol);
-    let scale = |field: &str, units: &Option<Cow<'_, str>>| -> Result<Option<Amount>, FetchError> {
-        let Some(units) = non_empty(units) else {
-            return Ok(None);
+    let scale =
+        |field: &str, units: &Option<AmountText<'_>>| -> Result<Option<Amount>, FetchError> {
+            let Some(units) = non_empty(units) else {
+                return Ok(None);
+            };
+            let (Some(chain), Some(sym)) = (data.chain_id, currency) else {
+                return Err(FetchError::Rejected(format!(
+                    "{field} {units} has no chain or currency to scale it by"
+                )));
+            };
+            let dec = currencies.decimals(chain, sym).ok_or_else(|| {
+                FetchError::Rejected(format!(
+                    "no decimals known for {sym} on chain {chain}; add it to [provider.decimals]"
+                ))
+            })?;
+            Amount::from_base_units(units, dec)
+                .map(Some)
+                .map_err(|e| malformed(format!("{field}: {e}")))
         };
-        let (Some(chain), Some(sym)) = (data.chain_id, currency) else {
-            return Err(FetchError::Rejected(format!(
-                "{field} {units} has no chain or currency to scale it by"
-            )));
-        };
-        let dec = currencies.decimals(chain, sym).ok_or_else(|| {
-            FetchError::Rejected(format!(
-                "no decimals known for {sym} on chain {chain}; add it to [provider.decimals]"
-            ))
-        })?;
-        Amount::from_base_units(units, dec)
-            .map(Some)
-            .map_err(|e| malformed(format!("{field}: {e}")))
-    };
     d.amount = scale("settlementAmount", &data.settlement_amount)?;
     // Unpaid orders may not name their settlement currency yet: the expected amount
     // then has no scale and is left empty rather than failing the order.
@@ -688,10 +687,16 @@ mod tests {
             r#"{"transferHash":"0d47","fromAddress":"T\/x","settlementAmount":"15","quoteAmount":1}"#,
         )
         .unwrap();
-        assert!(matches!(dto.transfer_hash, Some(Cow::Borrowed("0d47"))));
-        assert!(matches!(dto.from_address, Some(Cow::Owned(ref s)) if s == "T/x"));
-        assert!(matches!(dto.settlement_amount, Some(Cow::Borrowed("15"))));
-        assert!(matches!(dto.quote_amount, Some(Cow::Owned(ref s)) if s == "1"));
+        assert!(matches!(
+            dto.transfer_hash,
+            Some(Text(Cow::Borrowed("0d47")))
+        ));
+        assert!(matches!(dto.from_address, Some(Text(Cow::Owned(ref s))) if s == "T/x"));
+        assert!(matches!(
+            dto.settlement_amount,
+            Some(AmountText(Cow::Borrowed("15")))
+        ));
+        assert!(matches!(dto.quote_amount, Some(AmountText(Cow::Owned(ref s))) if s == "1"));
         assert!(dto.out_trade_no.is_none());
         for amount in ["1.5", "1e6", "-1.0"] {
             let body = format!(
