@@ -547,16 +547,9 @@ impl InputJson {
 
     /// The object of `(name, value)` columns, in order.
     pub fn from_columns<'a>(columns: impl IntoIterator<Item = (&'a str, &'a str)>) -> Self {
-        use serde::ser::{SerializeMap, Serializer};
         let mut out = Vec::with_capacity(128);
-        let mut ser = serde_json::Serializer::new(&mut out);
-        let written = ser.serialize_map(None).and_then(|mut map| {
-            for (name, value) in columns {
-                map.serialize_entry(name, value)?;
-            }
-            map.end()
-        });
-        written.expect("strings always encode");
+        input_object::serialize_pairs(columns, &mut serde_json::Serializer::new(&mut out))
+            .expect("strings always encode");
         Self(Cow::Owned(
             String::from_utf8(out).expect("serde_json writes UTF-8"),
         ))
@@ -587,8 +580,16 @@ mod input_object {
     use std::fmt;
 
     pub fn serialize<S: Serializer>(cols: &[(String, String)], s: S) -> Result<S::Ok, S::Error> {
-        let mut m = s.serialize_map(Some(cols.len()))?;
-        for (k, v) in cols {
+        serialize_pairs(cols.iter().map(|(k, v)| (k.as_str(), v.as_str())), s)
+    }
+
+    /// `(name, value)` pairs as one JSON object, in order.
+    pub fn serialize_pairs<'a, S: Serializer>(
+        pairs: impl IntoIterator<Item = (&'a str, &'a str)>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        let mut m = s.serialize_map(None)?;
+        for (k, v) in pairs {
             m.serialize_entry(k, v)?;
         }
         m.end()
