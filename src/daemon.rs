@@ -157,15 +157,34 @@ fn register(
                 })?,
         }
     }
+    if pos.is_some() {
+        // The position moves past these lines: their rejects must not be lost.
+        sync_rejects(rejects)?;
+    }
     let admissions = d
         .engine
         .store
         .add_orders(&d.run_id, &orders, d.engine.clock.now(), pos)?;
+    if pos.is_some() {
+        crate::failpoint::hit("after-ingest-commit");
+    }
     d.new_work.notify_one();
     Ok(admissions
         .iter()
         .filter(|a| **a == crate::state::Admission::New)
         .count() as u64)
+}
+
+/// [`RejectsWriter::sync`], before committing a step after which the rejected
+/// rows would not be read again.
+fn sync_rejects(rejects: &mut RejectsWriter) -> Result<(), RunError> {
+    rejects.sync().map_err(|source| {
+        OutputError::Write {
+            path: rejects.path().to_path_buf(),
+            source,
+        }
+        .into()
+    })
 }
 
 /// Parses a 6-field cron expression (seconds first), as the config validated it.
@@ -368,6 +387,7 @@ impl Sources {
                         identity: input::queue_identity(&file, &meta, 0).map_err(open_err)?,
                         offset: 0,
                     };
+                    sync_rejects(rejects)?;
                     store.add_orders(&d.run_id, &[], d.engine.clock.now(), Some(&start))?;
                     0
                 }
@@ -498,7 +518,9 @@ impl Sources {
             }
             new += sum.new;
             tracing::info!(file = %file.display(), rows = sum.rows, new = sum.new, rejected = sum.rejected + sum.duplicates, "inbox file ingested");
+            sync_rejects(rejects)?;
             move_to_done(&file, &done, "")?;
+            crate::failpoint::hit("after-ingest-commit");
         }
         Ok(new)
     }

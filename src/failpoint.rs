@@ -6,7 +6,9 @@
 //!
 //! Crash points: `after-first-record` (while fetching), `mid-write` (data file half
 //! written), `after-data-rename` (data file in place, no manifest yet),
-//! `before-batch-commit` (manifest written, state not yet told).
+//! `before-batch-commit` (manifest written, state not yet told),
+//! `after-ingest-commit` (daemon: a queue offset saved, or an inbox file moved to
+//! `done/`, before the ingest's rejects file is published).
 //!
 //! Delay points: `slow-ingest` (each daemon ingest turn takes [`SLOW`] longer, so
 //! a test can see the next turn skipped without depending on how fast ingest is).

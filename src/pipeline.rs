@@ -29,7 +29,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{ConfigError, ProviderSettings, Settings};
 use crate::fetch::{self, Limiter, Stats, Transport};
-use crate::input::{self, InputError, InputSpec, RejectsWriter};
+use crate::input::{self, InputError, InputSpec, Recovered, RejectsWriter};
 use crate::model::{PayStatus, Tracking};
 use crate::output::layout::{self, BatchKey};
 use crate::output::{self, Encoding, Format, Manifest, ManifestExtra, OutputError};
@@ -318,9 +318,34 @@ impl Engine {
             .map_err(task_error)??)
     }
 
-    /// Finishes exports a crash interrupted: a batch whose manifest verifies is
-    /// marked committed; any other is rewritten under the same name.
+    /// Finishes what a crash interrupted: the rejects files of a run or an ingest
+    /// are published (their complete rows); a batch whose manifest verifies is
+    /// marked committed, any other is rewritten under the same name.
     async fn recover(&self) -> Result<(), RunError> {
+        let dir = self.settings.output.dir.clone();
+        let recovered = tokio::task::spawn_blocking(move || input::recover_rejects(&dir))
+            .await
+            .map_err(task_error)?
+            .map_err(|source| OutputError::Write {
+                path: self.settings.output.dir.clone(),
+                source,
+            })?;
+        for r in recovered {
+            match r {
+                Recovered::Published { path, rows } => {
+                    tracing::warn!(file = %path.display(), rows, "published the rejects of a run or ingest interrupted by a crash")
+                }
+                Recovered::Removed { temp } => {
+                    tracing::info!(file = %temp.display(), "removed an empty rejects file left by a crash")
+                }
+                Recovered::InUse { temp } => {
+                    tracing::warn!(file = %temp.display(), "rejects file is being written by another process; left alone")
+                }
+                Recovered::Conflict { temp, path } => {
+                    tracing::warn!(file = %temp.display(), existing = %path.display(), "rejects file left by a crash has a published namesake; left alone")
+                }
+            }
+        }
         let open = self.blocking(|s| s.open_batches()).await?;
         for batch in open {
             tracing::warn!(batch = %batch.name, rows = batch.rows, "finishing an export interrupted by a crash");

@@ -13,7 +13,8 @@
 //!   byte offset (daemon mode); [`match_identity`] tells whether a saved offset
 //!   still belongs to the file found (see `identity`).
 //! - [`is_empty_file`]: whether a file holds nothing but a BOM and whitespace.
-//! - [`RejectsWriter`]: writes `rejects-<run id>.csv`, created only when needed.
+//! - [`RejectsWriter`]: writes `rejects-<run id>.csv`, created only when needed;
+//!   [`recover_rejects`] publishes what a crashed writer left.
 
 mod csv;
 mod identity;
@@ -36,7 +37,9 @@ pub use self::queue::{
     MAX_QUEUE_LINE, QueueChunk, QueueRecords, compressed_queue_from, decompressed, read_open_queue,
     read_queue_from, read_queue_from_line,
 };
-pub use self::rejects::{REJECTS_HEADER, RejectsWriter, rejects_file_name};
+pub use self::rejects::{
+    REJECTS_HEADER, Recovered, RejectsWriter, recover as recover_rejects, rejects_file_name,
+};
 
 /// The CSV column holding the order number when the config does not say.
 pub const DEFAULT_ORDER_COLUMN: &str = "order_no";

@@ -32,7 +32,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::model::{Observation, PayStatus};
 
-pub(crate) use self::atomic::{create_private_file, fsync_dir_io, temp_path};
+pub(crate) use self::atomic::{FILE_MODE, create_private_file, fsync_dir_io, temp_path};
 pub use self::atomic::{fsync_dir, remove_uncommitted, write_atomic};
 pub use self::csv::{csv_header, escape_formula};
 pub(crate) use self::csv::{csv_to_io, escape_formula_into};

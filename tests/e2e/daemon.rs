@@ -406,6 +406,67 @@ async fn queue_rotated_and_compressed_while_down_loses_no_line() {
     );
 }
 
+/// The rejected lines of a queue file and of an inbox file survive a crash right
+/// after the ingest committed past them (the queue offset saved, the inbox file
+/// moved to `done/`): they were synced to the rejects file first, and the next
+/// start publishes it. They are not read, nor rejected, again.
+#[tokio::test(flavor = "multi_thread")]
+async fn rejects_survive_a_crash_after_the_ingest_commit() {
+    let (_server, ws) = daemon_workspace().await;
+    let rejects = |ws: &Workspace| -> Vec<String> {
+        let mut lines: Vec<String> = ws
+            .out_files()
+            .into_iter()
+            .filter(|f| f.starts_with("rejects-"))
+            .flat_map(|f| {
+                let text = std::fs::read_to_string(ws.path("out").join(f)).unwrap();
+                text.lines().skip(1).map(str::to_owned).collect::<Vec<_>>()
+            })
+            .collect();
+        lines.sort();
+        lines
+    };
+    let leftovers = |ws: &Workspace| -> usize {
+        ws.out_files()
+            .iter()
+            .filter(|f| f.starts_with(".rejects-"))
+            .count()
+    };
+    let crash = |ws: &Workspace| {
+        let child = start_daemon_with(ws, None, &[("PAYSYNC_FAILPOINT", "after-ingest-commit")]);
+        async move {
+            let out = child.wait_with_output().await.unwrap();
+            assert_eq!(out.status.signal(), Some(9), "{}", stderr(&out));
+            String::from_utf8_lossy(&out.stderr).into_owned()
+        }
+    };
+    let queue_reject = "queue.txt,2,order number contains whitespace,bad line";
+    let inbox_reject = "inbox/a.csv,3,order number is empty,\",empty\"";
+
+    // Dies right after saving the queue offset past the bad line.
+    append(&ws, "queue.txt", "Q-PAID-1\nbad line\nQ-PAID-2\n");
+    crash(&ws).await;
+    assert_eq!(leftovers(&ws), 1, "{:?}", ws.out_files());
+    assert!(rejects(&ws).is_empty(), "{:?}", ws.out_files());
+
+    // The next start publishes them, then dies right after moving the inbox file.
+    ws.write("inbox/a.csv", "order_no,note\nI-PAID-1,x\n,empty\n");
+    let log = crash(&ws).await;
+    assert!(log.contains("published the rejects"), "{log}");
+    assert!(ws.path("inbox/done/a.csv").exists());
+    assert_eq!(rejects(&ws), vec![queue_reject]);
+    assert_eq!(leftovers(&ws), 1, "{:?}", ws.out_files());
+
+    // A clean start publishes the inbox file's; nothing is read twice.
+    let daemon = start_daemon(&ws, None);
+    wait_for("3 orders exported", || latest(&ws.rows()).len() == 3).await;
+    let log = stop_daemon(daemon).await;
+    assert!(log.contains("published the rejects"), "{log}");
+    assert_eq!(rejects(&ws), vec![inbox_reject, queue_reject]);
+    assert_eq!(leftovers(&ws), 0, "{:?}", ws.out_files());
+    assert_no_duplicates(&ws.rows());
+}
+
 /// A queue file emptied in place is reported once, not again at every ingest
 /// while it stays empty, and the lines written to it later are read from its start.
 #[tokio::test(flavor = "multi_thread")]
