@@ -16,8 +16,8 @@ use std::time::Duration;
 use chrono::FixedOffset;
 use secrecy::SecretString;
 
-use crate::fetch::RetryPolicy;
 use crate::fetch::retry::{DEFAULT_BACKOFF_BASE, DEFAULT_BACKOFF_MAX, DEFAULT_MAX_ATTEMPTS};
+use crate::fetch::{ExtraRoots, RetryPolicy};
 use crate::model::PayStatus;
 use crate::output::layout::PathTemplate;
 use crate::output::{Compression, Encoding, Format};
@@ -180,6 +180,8 @@ pub struct FetchSettings {
     pub timeout: Duration,
     pub retry: RetryPolicy,
     pub max_body: usize,
+    /// Root certificates trusted besides the built-in ones (`fetch.ca_file`).
+    pub extra_roots: ExtraRoots,
 }
 
 #[derive(Debug, Clone)]

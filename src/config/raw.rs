@@ -68,6 +68,7 @@ struct Fetch {
     backoff_base: Option<String>,
     backoff_max: Option<String>,
     max_body: Option<i64>,
+    ca_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -382,6 +383,16 @@ impl Config {
                 DEFAULT_MAX_BODY as i64,
                 1 << 30,
             )? as usize,
+            extra_roots: match f.ca_file.map(|p| anchor(base, p)) {
+                None => ExtraRoots::default(),
+                Some(path) => {
+                    let key = "fetch.ca_file";
+                    let pem = std::fs::read(&path)
+                        .map_err(|e| c.err(key, format!("cannot read {}: {e}", path.display())))?;
+                    ExtraRoots::from_pem(&pem)
+                        .map_err(|e| c.err(key, format!("{} {e}", path.display())))?
+                }
+            },
         };
 
         let s = self.settle;

@@ -205,3 +205,49 @@ fn zones() {
     assert!(parse_zone("CST").is_none());
     assert!(parse_zone("+25:00").is_none());
 }
+
+/// `fetch.ca_file` is read relative to the config's directory; a missing file, a
+/// file without a certificate and a certificate that is not one are refused with
+/// the key, the config file and the CA file named.
+#[test]
+fn ca_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("c.toml");
+    let load_ca = |name: &str| {
+        let text = format!("{MINIMAL}[fetch]\nca_file = \"{name}\"\n");
+        Settings::from_toml(&text, &config, dir.path())
+    };
+    assert!(load(MINIMAL).unwrap().fetch.extra_roots.is_empty());
+
+    let ca = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/e2e/fixtures/test-ca.pem"
+    );
+    let pem = std::fs::read_to_string(ca).unwrap();
+    // A bundle may carry other sections; only certificates count.
+    let bundle =
+        format!("-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n{pem}{pem}");
+    std::fs::write(dir.path().join("ca.pem"), bundle).unwrap();
+    assert_eq!(load_ca("ca.pem").unwrap().fetch.extra_roots.len(), 2);
+
+    std::fs::write(dir.path().join("empty.pem"), "not a certificate\n").unwrap();
+    let not_der = "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n";
+    std::fs::write(dir.path().join("bad.pem"), not_der).unwrap();
+    let truncated = pem.replace("-----END CERTIFICATE-----", "");
+    std::fs::write(dir.path().join("torn.pem"), truncated).unwrap();
+    for (name, says) in [
+        ("missing.pem", "cannot read"),
+        ("empty.pem", "holds no PEM certificate"),
+        ("bad.pem", "certificate 1 of 1 is not usable"),
+        ("torn.pem", "is not a PEM file"),
+    ] {
+        let msg = load_ca(name).expect_err(name).to_string();
+        assert!(msg.contains("fetch.ca_file"), "{msg}");
+        assert!(msg.contains(&config.display().to_string()), "{msg}");
+        assert!(
+            msg.contains(&dir.path().join(name).display().to_string()),
+            "{msg}"
+        );
+        assert!(msg.contains(says), "{says:?} not in: {msg}");
+    }
+}

@@ -7,8 +7,11 @@
 //! - [`Connector`]: opens a connection to a destination, directly or through a proxy.
 //! - [`Stream`]: the connection it opens.
 //! - [`BuildError`]: why the client could not be built.
+//! - [`ExtraRoots`]: root certificates trusted besides the webpki roots
+//!   (`fetch.ca_file`).
 //!
-//! TLS is rustls (ring) with the webpki roots, certificates always verified;
+//! TLS is rustls (ring) with the webpki roots (and any [`ExtraRoots`]),
+//! certificates always verified;
 //! http/1.1, or HTTP/2 when an https server picks it through ALPN. Redirects are not
 //! followed (a 3xx is the provider's answer).
 //!
@@ -37,6 +40,8 @@ use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
 use hyper_util::client::legacy::{Client, ResponseFuture};
 use hyper_util::client::proxy::matcher::Matcher;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject;
 use tokio::net::TcpStream;
 
 /// `User-Agent` of every request.
@@ -66,6 +71,52 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 #[derive(Debug, thiserror::Error)]
 #[error("cannot set up TLS: {0}")]
 pub struct BuildError(#[from] rustls::Error);
+
+/// Root certificates trusted besides the webpki (Mozilla) roots: a private CA, for
+/// a provider deployed on premises or a TLS-inspecting proxy. Cheap to clone.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct ExtraRoots(Arc<[CertificateDer<'static>]>);
+
+impl ExtraRoots {
+    /// The certificates of the `CERTIFICATE` sections of a PEM file (other
+    /// sections are skipped). There must be at least one, and each must be usable
+    /// as a trust anchor.
+    pub fn from_pem(pem: &[u8]) -> Result<Self, String> {
+        let certs = CertificateDer::pem_slice_iter(pem)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| format!("is not a PEM file ({e})"))?;
+        if certs.is_empty() {
+            return Err("holds no PEM certificate (-----BEGIN CERTIFICATE-----)".into());
+        }
+        let mut store = rustls::RootCertStore::empty();
+        for (i, cert) in certs.iter().enumerate() {
+            store.add(cert.clone()).map_err(|e| {
+                format!(
+                    "certificate {} of {} is not usable: {e}",
+                    i + 1,
+                    certs.len()
+                )
+            })?;
+        }
+        Ok(Self(certs.into()))
+    }
+
+    /// How many certificates there are.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl std::fmt::Debug for ExtraRoots {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ExtraRoots({} certificates)", self.0.len())
+    }
+}
 
 /// One HTTP request: method, absolute URI, headers and body (empty for a GET). No
 /// `Debug`: headers and body can hold credentials.
@@ -118,8 +169,9 @@ pub struct HttpClient {
 }
 
 impl HttpClient {
-    /// A client using the proxies the environment names, if any.
-    pub fn new() -> Result<Self, BuildError> {
+    /// A client using the proxies the environment names, if any, and trusting
+    /// `roots` besides the webpki roots.
+    pub fn new(roots: &ExtraRoots) -> Result<Self, BuildError> {
         let proxies = PROXY_VARS
             .iter()
             .any(|v| std::env::var_os(v).is_some_and(|s| !s.is_empty()))
@@ -128,16 +180,17 @@ impl HttpClient {
             // Matcher's Debug leaves out proxy credentials.
             tracing::debug!(proxies = ?m, "using proxies from the environment");
         }
-        Self::with_proxies(proxies)
+        Self::with_proxies(proxies, roots)
     }
 
-    /// A client using `proxies` (none: every connection is direct).
-    pub fn with_proxies(proxies: Option<Matcher>) -> Result<Self, BuildError> {
+    /// A client using `proxies` (none: every connection is direct), trusting
+    /// `roots` besides the webpki roots.
+    pub fn with_proxies(proxies: Option<Matcher>, roots: &ExtraRoots) -> Result<Self, BuildError> {
         let proxies = proxies.map(Arc::new);
         let connector = Connector {
-            direct: HttpsConnector::from((tcp(), tls_config(&[b"h2", b"http/1.1"])?)),
-            to_proxy: HttpsConnector::from((tcp(), tls_config(&[b"http/1.1"])?)),
-            tunneled: Arc::new(tls_config(&[b"h2", b"http/1.1"])?),
+            direct: HttpsConnector::from((tcp(), tls_config(&[b"h2", b"http/1.1"], roots)?)),
+            to_proxy: HttpsConnector::from((tcp(), tls_config(&[b"http/1.1"], roots)?)),
+            tunneled: Arc::new(tls_config(&[b"h2", b"http/1.1"], roots)?),
             proxies: proxies.clone(),
         };
         let client = Client::builder(TokioExecutor::new())
@@ -191,11 +244,14 @@ fn tcp() -> HttpConnector {
     http
 }
 
-/// rustls with ring, TLS 1.2 and 1.3, the webpki roots, offering `alpn`.
-fn tls_config(alpn: &[&[u8]]) -> Result<rustls::ClientConfig, BuildError> {
-    let roots = rustls::RootCertStore {
+/// rustls with ring, TLS 1.2 and 1.3, the webpki roots and `extra`, offering `alpn`.
+fn tls_config(alpn: &[&[u8]], extra: &ExtraRoots) -> Result<rustls::ClientConfig, BuildError> {
+    let mut roots = rustls::RootCertStore {
         roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
     };
+    for cert in extra.0.iter() {
+        roots.add(cert.clone())?;
+    }
     let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
@@ -441,7 +497,7 @@ mod tests {
             assert!(extensions.is_empty());
         }
         let (addr, _) = recording_server().await;
-        let client = HttpClient::with_proxies(None).unwrap();
+        let client = HttpClient::with_proxies(None, &ExtraRoots::default()).unwrap();
         let uri: Uri = format!("http://{addr}/x").parse().unwrap();
         let resp = client.send(Request::get(uri)).await.unwrap();
         assert_eq!(resp.status(), 200);
@@ -457,7 +513,7 @@ mod tests {
     #[tokio::test]
     async fn host_is_sent_once() {
         let (addr, heads) = recording_server().await;
-        let client = HttpClient::with_proxies(None).unwrap();
+        let client = HttpClient::with_proxies(None, &ExtraRoots::default()).unwrap();
         let endpoint = crate::fetch::Endpoint::parse(&format!("http://{addr}/api")).unwrap();
         let uri = endpoint.uri("/x", &[]).unwrap();
         let with_host = Request::get(uri.clone()).header(http::header::HOST, endpoint.host());
@@ -476,7 +532,7 @@ mod tests {
     #[tokio::test]
     async fn default_headers_on_direct_requests() {
         let (addr, heads) = recording_server().await;
-        let client = HttpClient::with_proxies(None).unwrap();
+        let client = HttpClient::with_proxies(None, &ExtraRoots::default()).unwrap();
         let uri: Uri = format!("http://{addr}/api/x?a=1").parse().unwrap();
         assert_eq!(
             body_of(&client, Request::get(uri.clone())).await.unwrap(),
@@ -515,7 +571,7 @@ mod tests {
             .http(format!("http://user:p%40ss@{proxy}"))
             .no("127.0.0.1")
             .build();
-        let client = HttpClient::with_proxies(Some(matcher)).unwrap();
+        let client = HttpClient::with_proxies(Some(matcher), &ExtraRoots::default()).unwrap();
         let uri: Uri = "http://paysync-proxy-test.invalid/api/mer/x?o=a+b"
             .parse()
             .unwrap();
@@ -621,7 +677,7 @@ mod tests {
         let matcher = Matcher::builder()
             .https(format!("http://user:pw@{proxy}"))
             .build();
-        let client = HttpClient::with_proxies(Some(matcher)).unwrap();
+        let client = HttpClient::with_proxies(Some(matcher), &ExtraRoots::default()).unwrap();
         let uri: Uri = "https://paysync-proxy-test.invalid/api/x".parse().unwrap();
         let err = body_of(&client, Request::get(uri)).await.unwrap_err();
         assert!(err.contains("certificate"), "{err}");
@@ -642,7 +698,7 @@ mod tests {
     #[tokio::test]
     async fn socks_proxies_are_refused() {
         let matcher = Matcher::builder().all("socks5://127.0.0.1:1").build();
-        let client = HttpClient::with_proxies(Some(matcher)).unwrap();
+        let client = HttpClient::with_proxies(Some(matcher), &ExtraRoots::default()).unwrap();
         let uri: Uri = "http://paysync-proxy-test.invalid/x".parse().unwrap();
         let err = body_of(&client, Request::get(uri)).await.unwrap_err();
         assert!(err.contains("only http:// and https:// proxies"), "{err}");

@@ -23,7 +23,7 @@ use hyper::body::Body;
 
 use crate::model::PayDetail;
 use crate::provider::{FetchError, OrderRef, PayProvider, Provider};
-pub use client::{BuildError, HttpClient, Request};
+pub use client::{BuildError, ExtraRoots, HttpClient, Request};
 pub use endpoint::{Endpoint, InvalidEndpoint};
 pub use ratelimit::Limiter;
 pub use retry::{Action, RetryPolicy};
@@ -92,15 +92,17 @@ pub struct Transport {
 }
 
 impl Transport {
-    /// A transport whose client uses the proxies the environment names.
+    /// A transport whose client uses the proxies the environment names and trusts
+    /// `roots` besides the webpki roots.
     pub fn new(
         limiter: Arc<Limiter>,
         timeout: Duration,
         max_body: usize,
         stats: Arc<Stats>,
+        roots: &ExtraRoots,
     ) -> Result<Self, BuildError> {
         Ok(Self::with_client(
-            HttpClient::new()?,
+            HttpClient::new(roots)?,
             limiter,
             timeout,
             max_body,

@@ -294,11 +294,20 @@ impl MockServer {
     /// Binds `listen` (use port 0 for any free port) and serves in a background task.
     pub async fn start(listen: SocketAddr, opts: MockOptions) -> std::io::Result<MockServer> {
         let listener = tokio::net::TcpListener::bind(listen).await?;
-        let addr = listener.local_addr()?;
         let listener = listener.tap_io(|tcp| {
             // Small request/answer pairs: do not let Nagle delay them.
             let _ = tcp.set_nodelay(true);
         });
+        Self::start_on(listener, opts)
+    }
+
+    /// Serves on `listener` (HTTP/1.1, and HTTP/2 when a client opens with its
+    /// preface) in a background task. Tests pass a TLS listener to serve https.
+    pub fn start_on<L>(listener: L, opts: MockOptions) -> std::io::Result<MockServer>
+    where
+        L: axum::serve::Listener<Addr = SocketAddr>,
+    {
+        let addr = listener.local_addr()?;
         let shared = Arc::new(Shared::new(opts));
         let app = router(shared.clone());
         let stop = shared.cancel.clone().cancelled_owned();

@@ -1409,7 +1409,7 @@ mod tests {
     /// A transport to the local test server (direct, whatever proxy the machine names).
     fn transport() -> Transport {
         Transport::with_client(
-            HttpClient::with_proxies(None).unwrap(),
+            HttpClient::with_proxies(None, &Default::default()).unwrap(),
             Arc::new(Limiter::new(1000.0, 100)),
             Duration::from_secs(5),
             1 << 20,

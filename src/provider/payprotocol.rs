@@ -866,7 +866,14 @@ mod tests {
             decimals: HashMap::new(),
         };
         let limiter = std::sync::Arc::new(crate::fetch::Limiter::new(1.0, 1));
-        let t = Transport::new(limiter, Duration::from_secs(1), 1024, Default::default()).unwrap();
+        let t = Transport::new(
+            limiter,
+            Duration::from_secs(1),
+            1024,
+            Default::default(),
+            &Default::default(),
+        )
+        .unwrap();
         let p = PayProtocol::new(settings, t).unwrap();
         let url = p
             .url("/payment/detail", &[("outTradeNo", "../a b&c=d#e")])
@@ -977,8 +984,14 @@ mod tests {
                     decimals: HashMap::new(),
                 };
                 let limiter = std::sync::Arc::new(crate::fetch::Limiter::new(1.0, 1));
-                let t = Transport::new(limiter, Duration::from_secs(1), 1024, Default::default())
-                    .unwrap();
+                let t = Transport::new(
+                    limiter,
+                    Duration::from_secs(1),
+                    1024,
+                    Default::default(),
+                    &Default::default(),
+                )
+                .unwrap();
                 PayProtocol::new(settings, t).unwrap()
             })
         }

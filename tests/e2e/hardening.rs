@@ -1146,6 +1146,187 @@ async fn https_with_a_self_signed_certificate_is_refused() {
     }
 }
 
+/// A TLS listener for the mock server, with a certificate for 127.0.0.1 issued by
+/// the test CA (`fixtures/test-ca.pem`), offering h2 and http/1.1 through ALPN.
+/// For each connection it notes the protocol agreed through ALPN and the one the
+/// client then spoke (from its first bytes: HTTP/2 opens with `PRI * HTTP/2.0`),
+/// as `"<agreed> <spoken>"`.
+struct TlsListener {
+    tcp: tokio::net::TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+    seen: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl TlsListener {
+    async fn bind() -> Self {
+        use std::sync::Arc;
+        use tokio_rustls::rustls;
+        let cert = rustls::pki_types::CertificateDer::from(
+            include_bytes!("fixtures/localhost-cert.der").to_vec(),
+        );
+        let key = rustls::pki_types::PrivateKeyDer::Pkcs8(
+            include_bytes!("fixtures/localhost-key.der").to_vec().into(),
+        );
+        let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![cert], key)
+        .unwrap();
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        Self {
+            tcp: tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+            acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(config)),
+            seen: Arc::default(),
+        }
+    }
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = Spoken;
+    type Addr = std::net::SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            let Ok((tcp, addr)) = self.tcp.accept().await else {
+                continue;
+            };
+            // A refused handshake (a client that does not trust the CA) is no
+            // connection to serve.
+            if let Ok(tls) = self.acceptor.accept(tcp).await {
+                let alpn = tls.get_ref().1.alpn_protocol().unwrap_or(b"none");
+                let agreed = String::from_utf8_lossy(alpn).into_owned();
+                let io = Spoken {
+                    tls,
+                    agreed,
+                    first: Vec::new(),
+                    seen: self.seen.clone(),
+                };
+                return (io, addr);
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.tcp.local_addr()
+    }
+}
+
+/// A server-side TLS stream that notes which protocol the client speaks.
+struct Spoken {
+    tls: tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
+    agreed: String,
+    first: Vec<u8>,
+    seen: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl tokio::io::AsyncRead for Spoken {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        const PREFACE: &[u8] = b"PRI * HTTP/2.0";
+        let before = buf.filled().len();
+        let polled = std::pin::Pin::new(&mut self.tls).poll_read(cx, buf);
+        if self.first.len() < PREFACE.len() {
+            let new = &buf.filled()[before..];
+            let take = new.len().min(PREFACE.len() - self.first.len());
+            let me = &mut *self;
+            me.first.extend_from_slice(&new[..take]);
+            if me.first.len() == PREFACE.len() {
+                let spoken = if me.first == PREFACE {
+                    "h2"
+                } else {
+                    "http/1.1"
+                };
+                let note = format!("{} {spoken}", me.agreed);
+                me.seen.lock().unwrap().push(note);
+            }
+        }
+        polled
+    }
+}
+
+impl tokio::io::AsyncWrite for Spoken {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.tls).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.tls).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.tls).poll_shutdown(cx)
+    }
+}
+
+/// `fetch.ca_file` adds a private CA to the trusted roots: with it, both providers
+/// fetch every order from the mock server over https, through HTTP/2 agreed by
+/// ALPN; without it, the same server's certificate is refused.
+#[tokio::test(flavor = "multi_thread")]
+async fn https_with_a_private_ca_and_http2() {
+    let orders = numbered("PAID", 3);
+    for prov in BOTH {
+        let listener = TlsListener::bind().await;
+        let seen = listener.seen.clone();
+        let server = MockServer::start_on(listener, MockOptions::default()).unwrap();
+        let ws = Workspace::new();
+        ws.write("orders.csv", &orders_csv(&orders));
+        ws.write("ca.pem", include_str!("fixtures/test-ca.pem"));
+        let addr = server.addr();
+        let config = |overrides: &str| match prov {
+            Prov::PayProtocol => {
+                ws.config(&format!("https://{addr}/api/mer"), PP_SECRET, overrides)
+            }
+            Prov::GenAuth => ws.genauth_config(&format!("https://{addr}"), GA_SECRET, overrides),
+        };
+
+        config("[fetch]\nmax_attempts = 1\n");
+        let out = ws.run(&["--input", "orders.csv"]).await;
+        let text = format!("{}\n{}", stdout(&out), stderr(&out));
+        assert!(matches!(out.status.code(), Some(1..=4)), "{prov:?}: {text}");
+        assert!(
+            text.to_lowercase().contains("certificate"),
+            "{prov:?}: {text}"
+        );
+        assert!(seen.lock().unwrap().is_empty(), "{prov:?}");
+        assert_eq!(prov.detail_requests(&server.counters().snapshot()), 0);
+
+        std::fs::remove_dir_all(ws.path("out")).unwrap();
+        std::fs::remove_file(ws.path("state.db")).unwrap();
+        config("[fetch]\nca_file = \"ca.pem\"\n");
+        let out = ws.run(&["--input", "orders.csv"]).await;
+        assert_eq!(out.status.code(), Some(0), "{prov:?}: {}", stderr(&out));
+        let latest = latest(&ws.rows());
+        assert_eq!(latest.len(), orders.len(), "{prov:?}");
+        for (o, r) in &latest {
+            assert_eq!(r["status"], "paid", "{prov:?} {o}: {r}");
+        }
+        assert_eq!(
+            prov.detail_requests(&server.counters().snapshot()),
+            orders.len() as u64,
+            "{prov:?}"
+        );
+        let seen = seen.lock().unwrap().clone();
+        assert!(!seen.is_empty(), "{prov:?}");
+        assert!(seen.iter().all(|p| p == "h2 h2"), "{prov:?}: {seen:?}");
+    }
+}
+
 /// An http base URL whose host does not resolve is reached through the proxy the
 /// environment names (`HTTP_PROXY`, or `http_proxy`), here the mock server itself,
 /// which routes the absolute-form requests by path: both providers finish every
