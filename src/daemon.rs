@@ -367,7 +367,12 @@ impl Sources {
                         None => match compressed_rotated(path, &p.identity, p.offset) {
                             Some((old_path, records)) => {
                                 tracing::info!(queue = %key, rotated = %old_path.display(), offset = p.offset, "queue file was rotated and compressed; reading the rest of the old file from the compressed copy, then the new one");
-                                match self.read_compressed(d, records, rejects)? {
+                                let saved = QueuePosition {
+                                    path: key.clone(),
+                                    identity: p.identity.clone(),
+                                    offset: p.offset,
+                                };
+                                match self.read_compressed(d, records, saved, rejects)? {
                                     (n, true) => new += n,
                                     (n, false) => return Ok(new + n),
                                 }
@@ -398,14 +403,16 @@ impl Sources {
     }
 
     /// Registers the records of a compressed rotated queue file, in batches. The
-    /// saved position stays the old file's until all of it is read: a crash or a
-    /// stop reads it again next time, and the orders already registered are known
-    /// by then (none is fetched twice). Returns the new orders and whether the end
-    /// was reached (false when stopping).
+    /// saved position stays the old file's (`saved`, its identity) until all of it
+    /// is read, and moves on within its content with each batch: the compressed
+    /// copy holds the same bytes, so a crash or a stop resumes after the last batch
+    /// registered, from the compressed copy again. Returns the new orders and
+    /// whether the end was reached (false when stopping).
     fn read_compressed(
         &self,
         d: &Daemon,
         mut records: QueueRecords,
+        mut saved: QueuePosition,
         rejects: &mut RejectsWriter,
     ) -> Result<(u64, bool), RunError> {
         let mut new = 0;
@@ -417,7 +424,8 @@ impl Sources {
             if batch.is_empty() {
                 return Ok((new, true));
             }
-            new += register(d, batch, None, rejects)?;
+            saved.offset = records.offset();
+            new += register(d, batch, Some(&saved), rejects)?;
             if d.stop.is_cancelled() {
                 return Ok((new, false));
             }

@@ -119,6 +119,8 @@ pub struct QueueRecords {
     buf: Vec<u8>,
     /// Number of the next line to read.
     line: u64,
+    /// Byte of the content after the last line read.
+    offset: u64,
     done: bool,
 }
 
@@ -127,6 +129,7 @@ impl std::fmt::Debug for QueueRecords {
         f.debug_struct("QueueRecords")
             .field("path", &self.path)
             .field("line", &self.line)
+            .field("offset", &self.offset)
             .field("done", &self.done)
             .finish_non_exhaustive()
     }
@@ -134,19 +137,32 @@ impl std::fmt::Debug for QueueRecords {
 
 impl QueueRecords {
     pub(super) fn new(path: &Path, file: File) -> Self {
-        Self::from_content(path, Box::new(file), 1)
+        Self::from_content(path, Box::new(file), 1, 0)
     }
 
-    /// Records of `content`, whose first line is line `first_line` of `path`.
-    fn from_content(path: &Path, content: Box<dyn Read + Send>, first_line: u64) -> Self {
+    /// Records of `content`, whose first line is line `first_line` of `path` and
+    /// starts at byte `first_offset` of it.
+    fn from_content(
+        path: &Path,
+        content: Box<dyn Read + Send>,
+        first_line: u64,
+        first_offset: u64,
+    ) -> Self {
         Self {
             path: path.to_owned(),
             source: Arc::from(path.display().to_string()),
             reader: BufReader::with_capacity(64 * 1024, content),
             buf: Vec::new(),
             line: first_line,
+            offset: first_offset,
             done: false,
         }
+    }
+
+    /// The byte of the (decompressed) content after the last line read: where
+    /// reading on from the record last returned would start.
+    pub fn offset(&self) -> u64 {
+        self.offset
     }
 }
 
@@ -185,6 +201,7 @@ pub fn compressed_queue_from(path: &Path, offset: u64) -> Result<Option<QueueRec
         path,
         content,
         1 + before.0,
+        offset,
     )))
 }
 
@@ -222,6 +239,7 @@ impl Iterator for QueueRecords {
             };
             let line = self.line;
             self.line += 1;
+            self.offset += read.consumed;
             if line == 1 && self.buf.starts_with(UTF8_BOM) {
                 self.buf.drain(..UTF8_BOM.len());
             }
@@ -424,6 +442,21 @@ mod tests {
                 "{name}"
             );
             assert_eq!(&*recs[0].source, path.display().to_string(), "{name}");
+            // The offset after each record is where reading on resumes: the
+            // comment before A2 is consumed with it, and the end has no `\n`.
+            let mut it = compressed_queue_from(&path, 3).unwrap().unwrap();
+            assert_eq!(it.offset(), 3);
+            let mut after = Vec::new();
+            while let Some(rec) = it.next() {
+                after.push((rec.unwrap().line, it.offset()));
+            }
+            assert_eq!(after, vec![(3, 13), (4, 17), (5, 19)], "{name}");
+            let rest: Vec<u64> = compressed_queue_from(&path, 13)
+                .unwrap()
+                .unwrap()
+                .map(|r| r.unwrap().line)
+                .collect();
+            assert_eq!(rest, vec![4, 5], "{name}");
             // Content shorter than the offset: not the file the offset is for.
             assert!(compressed_queue_from(&path, 100).unwrap().is_none());
             // Same head, as the identity check reads it.

@@ -467,6 +467,68 @@ async fn rejects_survive_a_crash_after_the_ingest_commit() {
     assert_no_duplicates(&ws.rows());
 }
 
+/// A crash in the middle of reading a compressed rotated file resumes after the
+/// last batch registered: no line of it is read, or rejected, twice.
+#[tokio::test(flavor = "multi_thread")]
+async fn compressed_tail_resumes_after_a_crash() {
+    let (_server, ws) = queue_read_then_stopped("A-PAID-1\nA-PAID-2\n", 2).await;
+    // More lines than one ingest batch (1,000), most of them rejected.
+    let tail: Vec<String> = (1..=1200)
+        .map(|i| {
+            if i % 100 == 0 {
+                format!("B-PAID-{i}")
+            } else {
+                format!("bad {i}")
+            }
+        })
+        .collect();
+    append(&ws, "queue.txt", &format!("{}\n", tail.join("\n")));
+    let old = std::fs::read(ws.path("queue.txt")).unwrap();
+    std::fs::remove_file(ws.path("queue.txt")).unwrap();
+    let mut gz = flate2::write::GzEncoder::new(
+        std::fs::File::create(ws.path("queue.txt.1.gz")).unwrap(),
+        flate2::Compression::default(),
+    );
+    gz.write_all(&old).unwrap();
+    gz.finish().unwrap();
+    append(&ws, "queue.txt", "C-PAID-1\n");
+
+    // Dies right after the first batch of the compressed tail is registered.
+    let crashed = start_daemon_with(&ws, None, &[("PAYSYNC_FAILPOINT", "after-ingest-commit")])
+        .wait_with_output()
+        .await
+        .unwrap();
+    assert_eq!(crashed.status.signal(), Some(9), "{}", stderr(&crashed));
+
+    let daemon = start_daemon(&ws, None);
+    wait_for("15 orders exported", || latest(&ws.rows()).len() == 15).await;
+    let log = stop_daemon(daemon).await;
+    assert!(log.contains("rotated and compressed"), "{log}");
+    assert_no_duplicates(&ws.rows());
+    let mut rejected: Vec<String> = ws
+        .out_files()
+        .into_iter()
+        .filter(|f| f.starts_with("rejects-"))
+        .flat_map(|f| {
+            let text = std::fs::read_to_string(ws.path("out").join(f)).unwrap();
+            text.lines().skip(1).map(str::to_owned).collect::<Vec<_>>()
+        })
+        .collect();
+    rejected.sort();
+    let mut expected: Vec<String> = (1..=1200)
+        .filter(|i| i % 100 != 0)
+        .map(|i| {
+            format!(
+                "queue.txt.1.gz,{},order number contains whitespace,bad {i}",
+                i + 2
+            )
+        })
+        .collect();
+    expected.sort();
+    assert_eq!(rejected.len(), expected.len());
+    assert_eq!(rejected, expected);
+}
+
 /// A queue file emptied in place is reported once, not again at every ingest
 /// while it stays empty, and the lines written to it later are read from its start.
 #[tokio::test(flavor = "multi_thread")]
