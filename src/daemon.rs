@@ -76,8 +76,13 @@ pub fn missed_export(cron: &croner::Cron, last: Option<DateTime<Utc>>, now: Date
 /// `offset` belongs to, open: the file itself renamed away (same inode and head),
 /// else a copy of it (same head, as `copytruncate` leaves), at least `offset`
 /// bytes long.
-fn rotated_file(path: &Path, identity: &str, offset: u64) -> Option<(PathBuf, File)> {
-    let candidates: Vec<(PathBuf, File, std::fs::Metadata)> = siblings(path)
+fn rotated_file(
+    path: &Path,
+    rotated_dir: Option<&Path>,
+    identity: &str,
+    offset: u64,
+) -> Option<(PathBuf, File)> {
+    let candidates: Vec<(PathBuf, File, std::fs::Metadata)> = siblings(path, rotated_dir)
         .into_iter()
         .filter_map(|p| {
             let file = File::open(&p).ok()?;
@@ -100,27 +105,42 @@ fn rotated_file(path: &Path, identity: &str, offset: u64) -> Option<(PathBuf, Fi
 }
 
 /// The regular files in the directory of `path`, other than `path` itself, named
-/// as `path` is (relative when it is).
-fn siblings(path: &Path) -> Vec<PathBuf> {
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return Vec::new();
-    };
-    entries
-        .filter_map(Result::ok)
-        .map(|e| path.with_file_name(e.file_name()))
-        .filter(|p| p != path && std::fs::metadata(p).is_ok_and(|m| m.is_file()))
-        .collect()
+/// as `path` is (relative when it is), then those in `rotated_dir` (logrotate's
+/// `olddir`: relative to the directory of `path` unless absolute).
+fn siblings(path: &Path, rotated_dir: Option<&Path>) -> Vec<PathBuf> {
+    let dir = path.parent().unwrap_or(Path::new(""));
+    let mut dirs = vec![dir.to_path_buf()];
+    dirs.extend(rotated_dir.map(|r| dir.join(r)));
+    let mut files = Vec::new();
+    for dir in dirs {
+        let listed = if dir.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            &dir
+        };
+        let Ok(entries) = std::fs::read_dir(listed) else {
+            continue;
+        };
+        files.extend(
+            entries
+                .filter_map(Result::ok)
+                .map(|e| dir.join(e.file_name()))
+                .filter(|p| p != path && std::fs::metadata(p).is_ok_and(|m| m.is_file())),
+        );
+    }
+    files
 }
 
 /// The compressed file beside queue file `path` (its rotated self, compressed by
 /// logrotate) whose content starts as the file `identity` names did, as records
 /// from byte `offset` of its content on, if there is one.
-fn compressed_rotated(path: &Path, identity: &str, offset: u64) -> Option<(PathBuf, QueueRecords)> {
-    siblings(path).into_iter().find_map(|p| {
+fn compressed_rotated(
+    path: &Path,
+    rotated_dir: Option<&Path>,
+    identity: &str,
+    offset: u64,
+) -> Option<(PathBuf, QueueRecords)> {
+    siblings(path, rotated_dir).into_iter().find_map(|p| {
         let content = input::decompressed(File::open(&p).ok()?).ok()??;
         if !input::same_head_in(identity, content).unwrap_or(false) {
             return None;
@@ -292,6 +312,8 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 /// The input sources the ingest job reads.
 pub struct Sources {
     pub queue_files: Vec<PathBuf>,
+    /// Where rotated queue files may also be (`input.rotated_dir`).
+    pub rotated_dir: Option<PathBuf>,
     pub inbox_dir: Option<PathBuf>,
     pub out_dir: PathBuf,
 }
@@ -354,7 +376,8 @@ impl Sources {
                     // or rewritten in place): finish that file first if it is still
                     // beside this one, renamed, copied or compressed, then read this
                     // one from its start.
-                    match rotated_file(path, &p.identity, p.offset) {
+                    let rotated_dir = self.rotated_dir.as_deref();
+                    match rotated_file(path, rotated_dir, &p.identity, p.offset) {
                         Some((old_path, old)) => {
                             tracing::info!(queue = %key, rotated = %old_path.display(), offset = p.offset, "queue file was rotated; reading the rest of the old file, then the new one");
                             let (n, done) =
@@ -364,26 +387,28 @@ impl Sources {
                                 return Ok(new);
                             }
                         }
-                        None => match compressed_rotated(path, &p.identity, p.offset) {
-                            Some((old_path, records)) => {
-                                tracing::info!(queue = %key, rotated = %old_path.display(), offset = p.offset, "queue file was rotated and compressed; reading the rest of the old file from the compressed copy, then the new one");
-                                let saved = QueuePosition {
-                                    path: key.clone(),
-                                    identity: p.identity.clone(),
-                                    offset: p.offset,
-                                };
-                                match self.read_compressed(d, records, saved, rejects)? {
-                                    (n, true) => new += n,
-                                    (n, false) => return Ok(new + n),
+                        None => {
+                            match compressed_rotated(path, rotated_dir, &p.identity, p.offset) {
+                                Some((old_path, records)) => {
+                                    tracing::info!(queue = %key, rotated = %old_path.display(), offset = p.offset, "queue file was rotated and compressed; reading the rest of the old file from the compressed copy, then the new one");
+                                    let saved = QueuePosition {
+                                        path: key.clone(),
+                                        identity: p.identity.clone(),
+                                        offset: p.offset,
+                                    };
+                                    match self.read_compressed(d, records, saved, rejects)? {
+                                        (n, true) => new += n,
+                                        (n, false) => return Ok(new + n),
+                                    }
+                                }
+                                None if found == IdentityMatch::Other => {
+                                    tracing::warn!(queue = %key, offset = p.offset, "queue file was rotated and the old file is not in its directory any more (nor in input.rotated_dir, if set); lines appended to it after the last ingest were not read")
+                                }
+                                None => {
+                                    tracing::warn!(queue = %key, offset = p.offset, size = meta.len(), "queue file was truncated or rewritten in place; reading it from the start")
                                 }
                             }
-                            None if found == IdentityMatch::Other => {
-                                tracing::warn!(queue = %key, offset = p.offset, "queue file was rotated and the old file is not in its directory any more; lines appended to it after the last ingest were not read")
-                            }
-                            None => {
-                                tracing::warn!(queue = %key, offset = p.offset, size = meta.len(), "queue file was truncated or rewritten in place; reading it from the start")
-                            }
-                        },
+                        }
                     }
                     // The old file is done with: the position is this file's now,
                     // even before it has a line (so the above is said once).
@@ -585,6 +610,7 @@ pub async fn run_daemon(
         run_id: run_id.clone(),
         sources: Sources {
             queue_files: settings.input.queue_files.clone(),
+            rotated_dir: settings.input.rotated_dir.clone(),
             inbox_dir: settings.input.inbox_dir.clone(),
             out_dir: settings.output.dir.clone(),
         },

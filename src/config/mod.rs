@@ -202,6 +202,9 @@ pub struct InputSettings {
     /// Default inputs of `paysync run` when no `--input` is given.
     pub files: Vec<PathBuf>,
     pub queue_files: Vec<PathBuf>,
+    /// Where rotated queue files may also be, as logrotate's `olddir`: relative to
+    /// each queue file's directory unless absolute.
+    pub rotated_dir: Option<PathBuf>,
     pub inbox_dir: Option<PathBuf>,
 }
 

@@ -92,6 +92,7 @@ struct Input {
     files: Vec<PathBuf>,
     #[serde(default)]
     queue_files: Vec<PathBuf>,
+    rotated_dir: Option<PathBuf>,
     inbox_dir: Option<PathBuf>,
 }
 
@@ -461,6 +462,12 @@ impl Config {
             payment_no_column: i.payment_no_column.filter(|s| !s.trim().is_empty()),
             files: i.files.into_iter().map(|p| anchor(base, p)).collect(),
             queue_files: i.queue_files.into_iter().map(|p| anchor(base, p)).collect(),
+            rotated_dir: match i.rotated_dir {
+                Some(d) if d.as_os_str().is_empty() => {
+                    return Err(c.err("input.rotated_dir", "must not be empty"));
+                }
+                d => d,
+            },
             inbox_dir: i.inbox_dir.map(|p| anchor(base, p)),
         };
 

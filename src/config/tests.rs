@@ -121,6 +121,7 @@ fn errors_name_file_and_key() {
             "schedule.ingest",
         ),
         ("[metrics]\nlisten = \"localhost\"\n", "metrics.listen"),
+        ("[input]\nrotated_dir = \"\"\n", "input.rotated_dir"),
         ("[wat]\nx = 1\n", "wat"),
     ];
     for (extra, key) in cases {

@@ -467,6 +467,49 @@ async fn rejects_survive_a_crash_after_the_ingest_commit() {
     assert_no_duplicates(&ws.rows());
 }
 
+/// logrotate's `olddir`: rotated queue files moved to `input.rotated_dir` (here
+/// relative to the queue file's directory), renamed or compressed, still have
+/// their unread lines read.
+#[tokio::test(flavor = "multi_thread")]
+async fn queue_rotated_into_another_directory_loses_no_line() {
+    let (server, ws) = queue_read_then_stopped("A-PAID-1\nA-PAID-2\n", 2).await;
+    ws.config(
+        &server.payprotocol_base_url(),
+        SECRET,
+        &DAEMON.replace("[input]\n", "[input]\nrotated_dir = \"old\"\n"),
+    );
+    std::fs::create_dir(ws.path("old")).unwrap();
+
+    append(&ws, "queue.txt", "B-PAID-1\nB-PAID-2\n");
+    std::fs::rename(ws.path("queue.txt"), ws.path("old/queue.txt.1")).unwrap();
+    append(&ws, "queue.txt", "C-PAID-1\n");
+    run_until_exported(&server, &ws, 5, "queue file was rotated; reading the rest").await;
+
+    append(&ws, "queue.txt", "C-PAID-2\nbad line\n");
+    let old = std::fs::read(ws.path("queue.txt")).unwrap();
+    std::fs::remove_file(ws.path("queue.txt")).unwrap();
+    let mut gz = flate2::write::GzEncoder::new(
+        std::fs::File::create(ws.path("old/queue.txt.1.gz")).unwrap(),
+        flate2::Compression::default(),
+    );
+    gz.write_all(&old).unwrap();
+    gz.finish().unwrap();
+    append(&ws, "queue.txt", "D-PAID-1\n");
+    run_until_exported(&server, &ws, 7, "rotated and compressed").await;
+    let rejects: String = ws
+        .out_files()
+        .into_iter()
+        .filter(|f| f.starts_with("rejects-"))
+        .map(|f| std::fs::read_to_string(ws.path("out").join(f)).unwrap())
+        .collect();
+    assert!(
+        rejects
+            .lines()
+            .any(|l| l.starts_with("old/queue.txt.1.gz,3,") && l.ends_with(",bad line")),
+        "{rejects}"
+    );
+}
+
 /// A crash in the middle of reading a compressed rotated file resumes after the
 /// last batch registered: no line of it is read, or rejected, twice.
 #[tokio::test(flavor = "multi_thread")]
