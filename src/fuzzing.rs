@@ -74,6 +74,12 @@ fn count_newlines(bytes: &[u8]) -> u64 {
     bytes.iter().filter(|&&b| b == b'\n').count() as u64
 }
 
+/// Lines ended in `bytes` when `\n`, `\r\n` and a lone `\r` each end one.
+fn count_line_ends(bytes: &[u8]) -> u64 {
+    let crlf = bytes.windows(2).filter(|w| w == b"\r\n").count() as u64;
+    count_newlines(bytes) + bytes.iter().filter(|&&b| b == b'\r').count() as u64 - crlf
+}
+
 /// One row as the in-memory reference sees it.
 struct RefRow {
     line: u64,
@@ -106,7 +112,7 @@ fn reference_csv(data: &[u8]) -> Vec<RefRow> {
             .iter()
             .take_while(|&&b| b == b'\r' || b == b'\n')
             .count();
-        let line = 1 + count_newlines(&data[..end - span.len() + lead]);
+        let line = 1 + count_line_ends(&data[..end - span.len() + lead]);
         start = end;
         let blank =
             rec.len() == 1 && rec[0].iter().all(u8::is_ascii_whitespace) && !span.contains(&b'"');

@@ -62,6 +62,8 @@ pub struct CsvRecords {
     base: u64,
     /// Line number at `base`.
     line: u64,
+    /// The byte before `base` was `\r` (a `\n` right after it ends no new line).
+    after_cr: bool,
     /// Set after the end of the file or a fatal error.
     done: bool,
 }
@@ -86,6 +88,7 @@ impl CsvRecords {
             payment_idx: None,
             base: 0,
             line: 1,
+            after_cr: false,
             done: false,
         };
         if this.next_raw().transpose()?.is_none() {
@@ -187,9 +190,12 @@ impl CsvRecords {
             .iter()
             .take_while(|&&b| b == b'\r' || b == b'\n')
             .count();
-        let line = self.line + count_newlines(&text[..blank]);
+        let line = self.line + count_line_breaks(&text[..blank], self.after_cr);
         let raw = String::from_utf8_lossy(strip_line_end(&text[blank..])).into_owned();
-        self.line += count_newlines(span);
+        self.line += count_line_breaks(span, self.after_cr);
+        if let Some(&last) = span.last() {
+            self.after_cr = last == b'\r';
+        }
         self.base += len as u64;
         kept.drain(..len);
         RawRow {
@@ -246,8 +252,22 @@ impl Iterator for CsvRecords {
     }
 }
 
-fn count_newlines(bytes: &[u8]) -> u64 {
-    bytes.iter().filter(|&&b| b == b'\n').count() as u64
+/// The line breaks in `bytes`, counted as editors and the csv crate see them:
+/// `\n`, `\r\n` and a lone `\r` (old Mac files) each end one line. `after_cr`:
+/// the byte before `bytes` was `\r`, so a `\n` first in `bytes` ends no new line
+/// (a record's span can end between the two).
+fn count_line_breaks(bytes: &[u8], after_cr: bool) -> u64 {
+    let newlines = bytes.iter().filter(|&&b| b == b'\n').count() as u64;
+    if !after_cr && !bytes.contains(&b'\r') {
+        return newlines;
+    }
+    let mut breaks = 0;
+    let mut prev_cr = after_cr;
+    for &b in bytes {
+        breaks += u64::from(b == b'\r' || (b == b'\n' && !prev_cr));
+        prev_cr = b == b'\r';
+    }
+    breaks
 }
 
 #[cfg(test)]
@@ -305,6 +325,35 @@ mod tests {
         assert_eq!(recs[0].input.columns()[1].1, "multi\r\nline\nnote");
         assert_eq!(recs[0].raw, "A1,\"multi\r\nline\nnote\"");
         assert_eq!(recs[2].raw, "A3,y");
+    }
+
+    /// A lone `\r` ends a line, as in files saved by old Mac programs ("CSV
+    /// (Macintosh)"), and `\r\n` ends one line, also when a record's span ends
+    /// between the two: each row keeps the line an editor shows it on.
+    #[test]
+    fn lone_cr_ends_a_line() {
+        let lines = |data: &[u8]| -> Vec<(String, u64)> {
+            read(data).iter().map(|r| (r.raw.clone(), r.line)).collect()
+        };
+        let want = |rows: &[(&str, u64)]| -> Vec<(String, u64)> {
+            rows.iter().map(|(r, l)| ((*r).to_owned(), *l)).collect()
+        };
+        assert_eq!(
+            lines(b"order_no,note\rA1,x\r,empty\r\rA2,\"two\rlines\"\r bad,z\r"),
+            want(&[
+                ("A1,x", 2),
+                (",empty", 3),
+                ("A2,\"two\rlines\"", 5),
+                (" bad,z", 7)
+            ])
+        );
+        assert_eq!(
+            lines(b"order_no\r\nA1\r\r\nA2\n\rA3\r\n\r\nA4"),
+            want(&[("A1", 2), ("A2", 4), ("A3", 6), ("A4", 8)])
+        );
+        assert_eq!(count_line_breaks(b"\nA\r", true), 1);
+        assert_eq!(count_line_breaks(b"\nA\r", false), 2);
+        assert_eq!(count_line_breaks(b"\n\n", false), 2);
     }
 
     /// Rows with the wrong number of fields are rejected with both counts; the
@@ -548,7 +597,7 @@ mod tests {
                 let mut want = Vec::new();
                 for row in &rows {
                     let bytes = written(&row.iter().map(String::as_str).collect::<Vec<_>>(), crlf);
-                    let line = 1 + count_newlines(&data);
+                    let line = 1 + count_line_breaks(&data, false);
                     data.extend_from_slice(&bytes);
                     let blank_line = bytes.iter().all(u8::is_ascii_whitespace);
                     if !blank_line {
