@@ -855,11 +855,10 @@ mod tests {
         );
     }
 
-    /// The signed target is the encoded query exactly as it goes on the wire.
-    #[test]
-    fn url_encodes_once_and_signs_what_is_sent() {
+    /// A client for `base_url` with key `k` and secret `s`, one request per second.
+    fn test_client(base_url: &str) -> PayProtocol {
         let settings = PayProtocolSettings {
-            base_url: "http://127.0.0.1:1/api/mer/".into(),
+            base_url: base_url.into(),
             api_key: "k".into(),
             api_secret: SecretString::from("s"),
             naive_zone: cst(),
@@ -874,7 +873,13 @@ mod tests {
             &Default::default(),
         )
         .unwrap();
-        let p = PayProtocol::new(settings, t).unwrap();
+        PayProtocol::new(settings, t).unwrap()
+    }
+
+    /// The signed target is the encoded query exactly as it goes on the wire.
+    #[test]
+    fn url_encodes_once_and_signs_what_is_sent() {
+        let p = test_client("http://127.0.0.1:1/api/mer/");
         let url = p
             .url("/payment/detail", &[("outTradeNo", "../a b&c=d#e")])
             .unwrap();
@@ -975,25 +980,7 @@ mod tests {
         /// One client for all cases (building a transport per case is slow).
         fn client() -> &'static PayProtocol {
             static CLIENT: OnceLock<PayProtocol> = OnceLock::new();
-            CLIENT.get_or_init(|| {
-                let settings = PayProtocolSettings {
-                    base_url: "https://api-sandbox.payprotocol.network/api/mer".into(),
-                    api_key: "k".into(),
-                    api_secret: SecretString::from("s"),
-                    naive_zone: cst(),
-                    decimals: HashMap::new(),
-                };
-                let limiter = std::sync::Arc::new(crate::fetch::Limiter::new(1.0, 1));
-                let t = Transport::new(
-                    limiter,
-                    Duration::from_secs(1),
-                    1024,
-                    Default::default(),
-                    &Default::default(),
-                )
-                .unwrap();
-                PayProtocol::new(settings, t).unwrap()
-            })
+            CLIENT.get_or_init(|| test_client("https://api-sandbox.payprotocol.network/api/mer"))
         }
 
         /// Query values with URL-special, reserved and non-ASCII characters.

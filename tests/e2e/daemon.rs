@@ -38,6 +38,35 @@ fn append(ws: &Workspace, rel: &str, text: &str) {
     f.write_all(text.as_bytes()).unwrap();
 }
 
+/// logrotate's `compress` without `delaycompress`: `queue.txt` is gzipped to
+/// `to` and removed.
+fn rotate_compressed(ws: &Workspace, to: &str) {
+    let old = std::fs::read(ws.path("queue.txt")).unwrap();
+    std::fs::remove_file(ws.path("queue.txt")).unwrap();
+    let mut gz = flate2::write::GzEncoder::new(
+        std::fs::File::create(ws.path(to)).unwrap(),
+        flate2::Compression::default(),
+    );
+    gz.write_all(&old).unwrap();
+    gz.finish().unwrap();
+}
+
+/// The rows of every published rejects file in `out/`, without their headers,
+/// sorted.
+fn rejected_rows(ws: &Workspace) -> Vec<String> {
+    let mut rows: Vec<String> = ws
+        .out_files()
+        .into_iter()
+        .filter(|f| f.starts_with("rejects-"))
+        .flat_map(|f| {
+            let text = std::fs::read_to_string(ws.path("out").join(f)).unwrap();
+            text.lines().skip(1).map(str::to_owned).collect::<Vec<_>>()
+        })
+        .collect();
+    rows.sort();
+    rows
+}
+
 /// Collects what the daemon tells systemd through `NOTIFY_SOCKET`.
 struct Notifications {
     path: std::path::PathBuf,
@@ -379,30 +408,18 @@ async fn queue_rotated_and_compressed_while_down_loses_no_line() {
     let (server, ws) = queue_read_then_stopped("A-PAID-1\nA-PAID-2\n", 2).await;
 
     append(&ws, "queue.txt", "B-PAID-1\nbad line\nB-PAID-2\n");
-    let old = std::fs::read(ws.path("queue.txt")).unwrap();
-    std::fs::remove_file(ws.path("queue.txt")).unwrap();
-    let mut gz = flate2::write::GzEncoder::new(
-        std::fs::File::create(ws.path("queue.txt.1.gz")).unwrap(),
-        flate2::Compression::default(),
-    );
-    gz.write_all(&old).unwrap();
-    gz.finish().unwrap();
+    rotate_compressed(&ws, "queue.txt.1.gz");
     append(&ws, "queue.txt", "C-PAID-1\n");
 
     run_until_exported(&server, &ws, 5, "rotated and compressed").await;
-    // The bad line is rejected with its line number in the rotated file.
-    let rejects: String = ws
-        .out_files()
-        .into_iter()
-        .filter(|f| f.starts_with("rejects-"))
-        .map(|f| std::fs::read_to_string(ws.path("out").join(f)).unwrap())
-        .collect();
-    // The queue path is relative in the config; the rotated file is named beside it.
+    // The bad line is rejected with its line number in the rotated file. The
+    // queue path is relative in the config; the rotated file is named beside it.
+    let rejects = rejected_rows(&ws);
     assert!(
         rejects
-            .lines()
+            .iter()
             .any(|l| l.starts_with("queue.txt.1.gz,4,") && l.ends_with(",bad line")),
-        "{rejects}"
+        "{rejects:?}"
     );
 }
 
@@ -413,19 +430,6 @@ async fn queue_rotated_and_compressed_while_down_loses_no_line() {
 #[tokio::test(flavor = "multi_thread")]
 async fn rejects_survive_a_crash_after_the_ingest_commit() {
     let (_server, ws) = daemon_workspace().await;
-    let rejects = |ws: &Workspace| -> Vec<String> {
-        let mut lines: Vec<String> = ws
-            .out_files()
-            .into_iter()
-            .filter(|f| f.starts_with("rejects-"))
-            .flat_map(|f| {
-                let text = std::fs::read_to_string(ws.path("out").join(f)).unwrap();
-                text.lines().skip(1).map(str::to_owned).collect::<Vec<_>>()
-            })
-            .collect();
-        lines.sort();
-        lines
-    };
     let leftovers = |ws: &Workspace| -> usize {
         ws.out_files()
             .iter()
@@ -447,14 +451,14 @@ async fn rejects_survive_a_crash_after_the_ingest_commit() {
     append(&ws, "queue.txt", "Q-PAID-1\nbad line\nQ-PAID-2\n");
     crash(&ws).await;
     assert_eq!(leftovers(&ws), 1, "{:?}", ws.out_files());
-    assert!(rejects(&ws).is_empty(), "{:?}", ws.out_files());
+    assert!(rejected_rows(&ws).is_empty(), "{:?}", ws.out_files());
 
     // The next start publishes them, then dies right after moving the inbox file.
     ws.write("inbox/a.csv", "order_no,note\nI-PAID-1,x\n,empty\n");
     let log = crash(&ws).await;
     assert!(log.contains("published the rejects"), "{log}");
     assert!(ws.path("inbox/done/a.csv").exists());
-    assert_eq!(rejects(&ws), vec![queue_reject]);
+    assert_eq!(rejected_rows(&ws), vec![queue_reject]);
     assert_eq!(leftovers(&ws), 1, "{:?}", ws.out_files());
 
     // A clean start publishes the inbox file's; nothing is read twice.
@@ -462,7 +466,7 @@ async fn rejects_survive_a_crash_after_the_ingest_commit() {
     wait_for("3 orders exported", || latest(&ws.rows()).len() == 3).await;
     let log = stop_daemon(daemon).await;
     assert!(log.contains("published the rejects"), "{log}");
-    assert_eq!(rejects(&ws), vec![inbox_reject, queue_reject]);
+    assert_eq!(rejected_rows(&ws), vec![inbox_reject, queue_reject]);
     assert_eq!(leftovers(&ws), 0, "{:?}", ws.out_files());
     assert_no_duplicates(&ws.rows());
 }
@@ -486,27 +490,12 @@ async fn queue_rotated_into_another_directory_loses_no_line() {
     run_until_exported(&server, &ws, 5, "queue file was rotated; reading the rest").await;
 
     append(&ws, "queue.txt", "C-PAID-2\nbad line\n");
-    let old = std::fs::read(ws.path("queue.txt")).unwrap();
-    std::fs::remove_file(ws.path("queue.txt")).unwrap();
-    let mut gz = flate2::write::GzEncoder::new(
-        std::fs::File::create(ws.path("old/queue.txt.1.gz")).unwrap(),
-        flate2::Compression::default(),
-    );
-    gz.write_all(&old).unwrap();
-    gz.finish().unwrap();
+    rotate_compressed(&ws, "old/queue.txt.1.gz");
     append(&ws, "queue.txt", "D-PAID-1\n");
     run_until_exported(&server, &ws, 7, "rotated and compressed").await;
-    let rejects: String = ws
-        .out_files()
-        .into_iter()
-        .filter(|f| f.starts_with("rejects-"))
-        .map(|f| std::fs::read_to_string(ws.path("out").join(f)).unwrap())
-        .collect();
-    assert!(
-        rejects
-            .lines()
-            .any(|l| l.starts_with("old/queue.txt.1.gz,3,") && l.ends_with(",bad line")),
-        "{rejects}"
+    assert_eq!(
+        rejected_rows(&ws),
+        vec!["old/queue.txt.1.gz,3,order number contains whitespace,bad line"]
     );
 }
 
@@ -526,14 +515,7 @@ async fn compressed_tail_resumes_after_a_crash() {
         })
         .collect();
     append(&ws, "queue.txt", &format!("{}\n", tail.join("\n")));
-    let old = std::fs::read(ws.path("queue.txt")).unwrap();
-    std::fs::remove_file(ws.path("queue.txt")).unwrap();
-    let mut gz = flate2::write::GzEncoder::new(
-        std::fs::File::create(ws.path("queue.txt.1.gz")).unwrap(),
-        flate2::Compression::default(),
-    );
-    gz.write_all(&old).unwrap();
-    gz.finish().unwrap();
+    rotate_compressed(&ws, "queue.txt.1.gz");
     append(&ws, "queue.txt", "C-PAID-1\n");
 
     // Dies right after the first batch of the compressed tail is registered.
@@ -548,16 +530,7 @@ async fn compressed_tail_resumes_after_a_crash() {
     let log = stop_daemon(daemon).await;
     assert!(log.contains("rotated and compressed"), "{log}");
     assert_no_duplicates(&ws.rows());
-    let mut rejected: Vec<String> = ws
-        .out_files()
-        .into_iter()
-        .filter(|f| f.starts_with("rejects-"))
-        .flat_map(|f| {
-            let text = std::fs::read_to_string(ws.path("out").join(f)).unwrap();
-            text.lines().skip(1).map(str::to_owned).collect::<Vec<_>>()
-        })
-        .collect();
-    rejected.sort();
+    let rejected = rejected_rows(&ws);
     let mut expected: Vec<String> = (1..=1200)
         .filter(|i| i % 100 != 0)
         .map(|i| {

@@ -1056,6 +1056,21 @@ async fn no_secret_or_token_appears_anywhere_at_trace_level() {
     assert!(found.is_empty(), "secrets leaked: {found:#?}");
 }
 
+/// A rustls server configuration (ring) for a DER certificate and PKCS#8 key.
+fn tls_server_config(cert: &[u8], key: &[u8]) -> tokio_rustls::rustls::ServerConfig {
+    use tokio_rustls::rustls;
+    let cert = rustls::pki_types::CertificateDer::from(cert.to_vec());
+    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(key.to_vec().into());
+    rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(vec![cert], key)
+    .unwrap()
+}
+
 /// A TLS server with a self-signed certificate, counting completed handshakes.
 async fn self_signed_tls_server() -> (
     std::net::SocketAddr,
@@ -1064,23 +1079,10 @@ async fn self_signed_tls_server() -> (
 ) {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicU64, Ordering};
-    use tokio_rustls::rustls;
-    let cert = rustls::pki_types::CertificateDer::from(
-        include_bytes!("fixtures/self-signed-cert.der").to_vec(),
+    let config = tls_server_config(
+        include_bytes!("fixtures/self-signed-cert.der"),
+        include_bytes!("fixtures/self-signed-key.der"),
     );
-    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(
-        include_bytes!("fixtures/self-signed-key.der")
-            .to_vec()
-            .into(),
-    );
-    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_no_client_auth()
-    .with_single_cert(vec![cert], key)
-    .unwrap();
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -1160,21 +1162,10 @@ struct TlsListener {
 impl TlsListener {
     async fn bind() -> Self {
         use std::sync::Arc;
-        use tokio_rustls::rustls;
-        let cert = rustls::pki_types::CertificateDer::from(
-            include_bytes!("fixtures/localhost-cert.der").to_vec(),
+        let mut config = tls_server_config(
+            include_bytes!("fixtures/localhost-cert.der"),
+            include_bytes!("fixtures/localhost-key.der"),
         );
-        let key = rustls::pki_types::PrivateKeyDer::Pkcs8(
-            include_bytes!("fixtures/localhost-key.der").to_vec().into(),
-        );
-        let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(vec![cert], key)
-        .unwrap();
         config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         Self {
             tcp: tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
