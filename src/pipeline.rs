@@ -345,6 +345,9 @@ impl Engine {
                 Recovered::Conflict { temp, path } => {
                     tracing::warn!(file = %temp.display(), existing = %path.display(), "rejects file left by a crash has a published namesake; left alone")
                 }
+                Recovered::Failed { temp, error } => {
+                    tracing::warn!(file = %temp.display(), error, "cannot publish a rejects file left by a crash; left alone, tried again at the next start")
+                }
             }
         }
         let open = self.blocking(|s| s.open_batches()).await?;

@@ -219,6 +219,9 @@ pub enum Recovered {
     InUse { temp: PathBuf },
     /// The final name already exists: left alone, so nothing is overwritten.
     Conflict { temp: PathBuf, path: PathBuf },
+    /// It could not be read, cut or renamed: left alone, to be tried again at the
+    /// next start (a leftover must not stop the run).
+    Failed { temp: PathBuf, error: String },
 }
 
 /// Publishes the temporary rejects files (`.rejects-<id>.csv.tmp`) in `dir` that
@@ -226,7 +229,7 @@ pub enum Recovered {
 /// file is cut after its last complete row (a row torn by the crash is dropped:
 /// its input is read again, since nothing after the last [`RejectsWriter::sync`]
 /// was committed), fsynced and renamed to `rejects-<id>.csv`. A missing `dir` is
-/// not an error.
+/// not an error; a file that cannot be recovered is reported and left as it is.
 pub fn recover(dir: &Path) -> io::Result<Vec<Recovered>> {
     let entries = match fs::read_dir(dir) {
         Ok(entries) => entries,
@@ -242,8 +245,12 @@ pub fn recover(dir: &Path) -> io::Result<Vec<Recovered>> {
         };
         let temp = entry.path();
         let path = dir.join(final_name);
-        let with_path = |e: io::Error| io::Error::new(e.kind(), format!("{}: {e}", temp.display()));
-        done.push(recover_one(&temp, &path).map_err(with_path)?);
+        done.push(
+            recover_one(&temp, &path).unwrap_or_else(|e| Recovered::Failed {
+                temp,
+                error: e.to_string(),
+            }),
+        );
     }
     if !done.is_empty() {
         fsync_dir_io(dir)?;
@@ -519,7 +526,8 @@ mod tests {
     }
 
     /// Other files are not touched, a published rejects file is never
-    /// overwritten, and a missing directory is not an error.
+    /// overwritten, one that cannot be read is reported and left, and a missing
+    /// directory is not an error.
     #[test]
     fn recover_touches_only_its_own_files() {
         let dir = tempfile::tempdir().unwrap();
@@ -549,6 +557,15 @@ mod tests {
             "published"
         );
         assert_eq!(recover(&d.join("missing")).unwrap(), vec![]);
+
+        fs::remove_file(d.join(".rejects-p.csv.tmp")).unwrap();
+        fs::create_dir(d.join(".rejects-dir.csv.tmp")).unwrap();
+        let done = recover(d).unwrap();
+        assert!(
+            matches!(&done[..], [Recovered::Failed { temp, .. }] if *temp == d.join(".rejects-dir.csv.tmp")),
+            "{done:?}"
+        );
+        assert!(d.join(".rejects-dir.csv.tmp").is_dir());
     }
 
     /// Dropping the writer without finishing leaves nothing behind.
