@@ -246,6 +246,7 @@ async fn daemon(config: &std::path::Path) -> Result<paysync::daemon::DaemonRepor
     // Before the state is opened: from then on a signal is handled, never fatal.
     let shutdown = shutdown_signal();
     let settings = Arc::new(Settings::load(config)?);
+    let metrics_token = settings.metrics.bearer_token(&settings.source)?;
     let engine = Arc::new(pipeline::Engine::open(settings.clone()).await?);
     let stop_metrics = tokio_util::sync::CancellationToken::new();
     if let Some(addr) = settings.metrics.listen {
@@ -254,8 +255,9 @@ async fn daemon(config: &std::path::Path) -> Result<paysync::daemon::DaemonRepor
             store: engine.store.clone(),
         };
         let stop = stop_metrics.clone();
-        let listener =
-            paysync::metrics::serve(addr, sources, async move { stop.cancelled().await });
+        let listener = paysync::metrics::serve(addr, sources, metrics_token, async move {
+            stop.cancelled().await
+        });
         tokio::spawn(async move {
             if let Err(e) = listener.await {
                 tracing::error!(%addr, error = %e, "metrics endpoint failed");
@@ -270,6 +272,7 @@ async fn daemon(config: &std::path::Path) -> Result<paysync::daemon::DaemonRepor
 fn validate(config: &std::path::Path) -> anyhow::Result<String> {
     let settings = Settings::load(config)?;
     settings.provider_settings()?;
+    settings.metrics.bearer_token(&settings.source)?;
     Ok(format!(
         "{}: OK (provider {}, state {}, output {} as {})",
         config.display(),

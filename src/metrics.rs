@@ -2,7 +2,9 @@
 //! (off by default): request counters from the transport, orders by status and
 //! tracking state, the oldest unsettled order's age, rows waiting for export, the
 //! bytes of each queue file not read yet, and the last export time. The format is a
-//! handful of lines, written directly.
+//! handful of lines, written directly. With a bearer token configured
+//! (`metrics.bearer_token_*`), a scrape without `Authorization: Bearer <token>` is
+//! answered 401.
 
 use std::fmt::Write as _;
 use std::future::Future;
@@ -11,9 +13,11 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::State;
-use axum::http::header;
-use axum::response::IntoResponse;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use secrecy::{ExposeSecret, SecretString};
+use sha2::{Digest, Sha256};
 
 use crate::fetch::Stats;
 use crate::state::{StateStore, StatusReport};
@@ -121,7 +125,37 @@ fn label_value(v: &str) -> String {
         .replace('\n', "\\n")
 }
 
-async fn scrape(State(src): State<Sources>) -> impl IntoResponse {
+/// The endpoint's state: what a scrape reads, and the SHA-256 of the bearer token
+/// it must present, if any (compared as digests, so the comparison's timing says
+/// nothing of the token).
+#[derive(Clone)]
+struct Endpoint {
+    sources: Sources,
+    token: Option<[u8; 32]>,
+}
+
+/// Whether `headers` carry `Authorization: Bearer <token>` for the token whose
+/// digest is `want`.
+fn authorized(headers: &HeaderMap, want: &[u8; 32]) -> bool {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .is_some_and(|token| Sha256::digest(token.trim().as_bytes())[..] == want[..])
+}
+
+async fn scrape(State(endpoint): State<Endpoint>, headers: HeaderMap) -> Response {
+    if let Some(want) = &endpoint.token
+        && !authorized(&headers, want)
+    {
+        return (
+            StatusCode::UNAUTHORIZED,
+            [(header::WWW_AUTHENTICATE, "Bearer realm=\"paysync\"")],
+            "a bearer token is required\n",
+        )
+            .into_response();
+    }
+    let src = endpoint.sources;
     let store = src.store.clone();
     let report = tokio::task::spawn_blocking(move || {
         Ok::<_, crate::state::StateError>((store.status_report(0)?, store.last_commit_at()?))
@@ -133,25 +167,25 @@ async fn scrape(State(src): State<Sources>) -> impl IntoResponse {
             render(&src.stats, &report, last, chrono::Utc::now()),
         )
             .into_response(),
-        _ => (
-            axum::http::StatusCode::SERVICE_UNAVAILABLE,
-            "state store unavailable\n",
-        )
-            .into_response(),
+        _ => (StatusCode::SERVICE_UNAVAILABLE, "state store unavailable\n").into_response(),
     }
 }
 
-/// Serves `/metrics` on `addr` until `shutdown` resolves.
+/// Serves `/metrics` on `addr` until `shutdown` resolves; with `token`, only to
+/// scrapers that send it as a bearer token.
 pub async fn serve(
     addr: SocketAddr,
     sources: Sources,
+    token: Option<SecretString>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
-    tracing::info!(%addr, "metrics endpoint listening");
+    let token: Option<[u8; 32]> =
+        token.map(|t| Sha256::digest(t.expose_secret().trim().as_bytes()).into());
+    tracing::info!(%addr, bearer_token = token.is_some(), "metrics endpoint listening");
     let app = Router::new()
         .route("/metrics", get(scrape))
-        .with_state(sources);
+        .with_state(Endpoint { sources, token });
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await
@@ -161,6 +195,26 @@ pub async fn serve(
 mod tests {
     use super::*;
     use crate::state::QueuePosition;
+
+    /// Only `Authorization: Bearer <the token>` passes (surrounding blanks in the
+    /// token are not part of it, as in a token file's last line).
+    #[test]
+    fn bearer_token_check() {
+        let want: [u8; 32] = Sha256::digest(b"s3cret-token").into();
+        let with = |value: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(header::AUTHORIZATION, value.parse().unwrap());
+            authorized(&h, &want)
+        };
+        assert!(!authorized(&HeaderMap::new(), &want));
+        assert!(with("Bearer s3cret-token"));
+        assert!(with("Bearer s3cret-token "));
+        assert!(!with("Bearer s3cret-tokeN"));
+        assert!(!with("Bearer s3cret-toke"));
+        assert!(!with("Basic s3cret-token"));
+        assert!(!with("s3cret-token"));
+        assert!(!with("Bearer "));
+    }
 
     /// Queue files are reported with escaped label values; one that is not there
     /// any more reads as missing with nothing to read.

@@ -244,6 +244,22 @@ pub struct StateSettings {
 #[derive(Debug, Clone, Default)]
 pub struct MetricsSettings {
     pub listen: Option<std::net::SocketAddr>,
+    /// Where the bearer token scrapers must send comes from, if one is required.
+    pub token: Option<SecretSource>,
+}
+
+impl MetricsSettings {
+    /// Reads the bearer token (`config` is the config file, for messages).
+    pub fn bearer_token(&self, config: &Path) -> Result<Option<SecretString>, ConfigError> {
+        let Some(source) = &self.token else {
+            return Ok(None);
+        };
+        let key = match source {
+            SecretSource::Env(_) => "metrics.bearer_token_env",
+            _ => "metrics.bearer_token_file",
+        };
+        source.resolve(config, key).map(Some)
+    }
 }
 
 /// The validated configuration.

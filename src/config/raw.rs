@@ -33,6 +33,8 @@ pub(super) struct Config {
 #[serde(deny_unknown_fields)]
 struct Metrics {
     listen: Option<String>,
+    bearer_token_env: Option<String>,
+    bearer_token_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -525,8 +527,18 @@ impl Config {
                     .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_PATH)),
             ),
         };
+        let m = self.metrics;
+        let token = match (m.bearer_token_env, m.bearer_token_file) {
+            (None, None) => None,
+            (env, file) => Some(c.secret(
+                "metrics.bearer_token_env",
+                env,
+                "metrics.bearer_token_file",
+                file.map(|f| anchor_secret(base, f)),
+            )?),
+        };
         let metrics = MetricsSettings {
-            listen: match self.metrics.listen.as_deref().map(str::trim) {
+            listen: match m.listen.as_deref().map(str::trim) {
                 None | Some("") => None,
                 Some(a) => {
                     let addr: std::net::SocketAddr = a.parse().map_err(|_| {
@@ -535,12 +547,13 @@ impl Config {
                             format!("{a:?} is not an address like \"127.0.0.1:9184\""),
                         )
                     })?;
-                    if !addr.ip().is_loopback() {
-                        tracing::warn!(%addr, "metrics.listen is not a loopback address; the endpoint is unauthenticated");
+                    if !addr.ip().is_loopback() && token.is_none() {
+                        tracing::warn!(%addr, "metrics.listen is not a loopback address and no metrics.bearer_token_* is set; the endpoint is unauthenticated");
                     }
                     Some(addr)
                 }
             },
+            token,
         };
         Ok(Settings {
             source: source.to_owned(),

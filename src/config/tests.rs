@@ -122,6 +122,14 @@ fn errors_name_file_and_key() {
         ),
         ("[metrics]\nlisten = \"localhost\"\n", "metrics.listen"),
         ("[input]\nrotated_dir = \"\"\n", "input.rotated_dir"),
+        (
+            "[metrics]\nbearer_token_env = \"X\"\nbearer_token_file = \"t\"\n",
+            "metrics.bearer_token_file",
+        ),
+        (
+            "[metrics]\nbearer_token_env = \" \"\n",
+            "metrics.bearer_token_env",
+        ),
         ("[wat]\nx = 1\n", "wat"),
     ];
     for (extra, key) in cases {

@@ -471,6 +471,60 @@ async fn rejects_survive_a_crash_after_the_ingest_commit() {
     assert_no_duplicates(&ws.rows());
 }
 
+/// With `metrics.bearer_token_file`, a scrape needs `Authorization: Bearer` with
+/// that token (401 otherwise); the token is in no log line. A token file that
+/// cannot be read stops the daemon at start, naming the key.
+#[tokio::test(flavor = "multi_thread")]
+async fn metrics_with_a_bearer_token() {
+    let (server, ws) = daemon_workspace().await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let token = "mEtRiCs-7f3a91c2d4";
+    let metrics_cfg = format!(
+        "{DAEMON}\n[metrics]\nlisten = \"127.0.0.1:{port}\"\nbearer_token_file = \"metrics-token\"\n"
+    );
+    ws.config(&server.payprotocol_base_url(), SECRET, &metrics_cfg);
+
+    let out = ws
+        .command(&["daemon", "--config", "config.toml"])
+        .output()
+        .await
+        .unwrap();
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("metrics.bearer_token_file"), "{err}");
+
+    ws.write("metrics-token", &format!("{token}\n"));
+    append(&ws, "queue.txt", "Q-PAID-1\n");
+    let daemon = start_daemon_with(&ws, None, &[("RUST_LOG", "paysync=trace")]);
+    wait_for("first line exported", || latest(&ws.rows()).len() == 1).await;
+    let url = format!("http://127.0.0.1:{port}/metrics");
+    let client = reqwest::Client::new();
+    let scrape = |auth: Option<String>| {
+        let mut req = client.get(&url);
+        if let Some(a) = auth {
+            req = req.header("authorization", a);
+        }
+        async move {
+            let resp = req.send().await.unwrap();
+            (resp.status().as_u16(), resp.text().await.unwrap())
+        }
+    };
+    let (status, body) = scrape(None).await;
+    assert_eq!(status, 401, "{body}");
+    assert!(!body.contains("paysync_"), "{body}");
+    assert_eq!(scrape(Some("Bearer wrong".into())).await.0, 401);
+    let (status, body) = scrape(Some(format!("Bearer {token}"))).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("paysync_requests_total "), "{body}");
+    let log = stop_daemon(daemon).await;
+    assert!(log.contains("metrics endpoint listening"), "{log}");
+    assert!(!log.contains(token), "the token leaked into the log");
+}
+
 /// logrotate's `olddir`: rotated queue files moved to `input.rotated_dir` (here
 /// relative to the queue file's directory), renamed or compressed, still have
 /// their unread lines read.
