@@ -40,7 +40,9 @@ struct Open {
 }
 
 /// Collects rejected input rows of one run into `rejects-<run id>.csv`.
-/// Dropping it without [`finish`](Self::finish) deletes the temporary file.
+/// Dropping it without [`finish`](Self::finish) (an error ended the run) deletes
+/// the temporary file, unless rows were [`sync`](Self::sync)ed: something was
+/// committed past those, so the file is left for [`recover`] at the next start.
 #[derive(Debug)]
 pub struct RejectsWriter {
     path: PathBuf,
@@ -338,7 +340,11 @@ fn complete_prefix(file: &File) -> io::Result<(u64, u64)> {
 impl Drop for RejectsWriter {
     fn drop(&mut self) {
         if let Some(open) = self.open.take() {
-            let _ = fs::remove_file(&open.temp);
+            if self.synced == 0 {
+                let _ = fs::remove_file(&open.temp);
+            } else {
+                tracing::warn!(file = %open.temp.display(), rows = self.synced, "rejects file left unfinished; it is published at the next start");
+            }
         }
     }
 }
@@ -566,6 +572,31 @@ mod tests {
             "{done:?}"
         );
         assert!(d.join(".rejects-dir.csv.tmp").is_dir());
+    }
+
+    /// Dropped after a sync (an error ended an ingest that had committed past
+    /// those rows), the file stays for recovery, which publishes its rows.
+    #[test]
+    fn drop_after_sync_leaves_the_file_for_recovery() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = RejectsWriter::new(dir.path(), "e");
+        write_rows(&mut w);
+        w.sync().unwrap();
+        w.write("late", 9, "bad", "y").unwrap();
+        drop(w);
+        assert_eq!(names(dir.path()), vec![".rejects-e.csv.tmp"]);
+        let path = dir.path().join("rejects-e.csv");
+        assert_eq!(
+            recover(dir.path()).unwrap(),
+            vec![Recovered::Published {
+                path: path.clone(),
+                rows: 4
+            }]
+        );
+        assert_eq!(
+            fs::read_to_string(path).unwrap(),
+            HEADER.to_owned() + &ROWS.concat() + "late,9,bad,y\n"
+        );
     }
 
     /// Dropping the writer without finishing leaves nothing behind.
