@@ -332,12 +332,14 @@ def scenario_quota(args, tmp, table):
             table.add(sc, "429s caused by paysync", st["throttled"], "0", st["throttled"] == 0)
 
 
-def cost_run(args, tmp, n, concurrency, tag):
+def cost_run(args, tmp, n, concurrency, tag, h2=False):
     wd = tmp / f"cost-{tag}-{n}-c{concurrency}"
     wd.mkdir()
     orders = wd / "orders.csv"
     write_orders(orders, n, "PAID")
     fetch = {"rate_limit": 1_000_000.0, "burst": 1000, "concurrency": concurrency}
+    if h2:
+        fetch["http2_prior_knowledge"] = True
     ref = reference(wd)
     with Mock(wd) as mock:
         r = run_paysync(wd, mock.addr, orders, fetch, {"wait": "0s"},
@@ -347,7 +349,8 @@ def cost_run(args, tmp, n, concurrency, tag):
              ok=r["rc"] == 0 and r["rows"] == n and st["throttled"] == 0)
     r["orders_per_s"] = n / r["wall"]
     r["cpu_per_1000"] = 1000 * r["cpu"] / n
-    print(f"    N={n} concurrency={concurrency}: exit {r['rc']}, rows {r['rows']}, "
+    print(f"    N={n} concurrency={concurrency}{' h2c' if h2 else ''}: exit {r['rc']}, "
+          f"rows {r['rows']}, "
           f"{r['orders_per_s']:.0f} orders/s, CPU {r['cpu']:.2f} s "
           f"({r['user']:.2f} user + {r['sys']:.2f} sys), {r['cpu_per_1000'] * 1000:.1f} us/order, "
           f"peak RSS {r['maxrss_kib'] / 1024:.1f} MiB (reference workload {ref:.3f} s)",
@@ -372,7 +375,12 @@ def scenario_cost(args, tmp, table):
               + f" -> best {c}")
     # CPU time on a shared or virtual machine moves between identical runs (other
     # tenants, frequency): N is run --repeat times; the median run is the figure.
-    runs = [cost_run(args, tmp, n, c, f"full{i}") for i in range(args.repeat)]
+    # The HTTP/2 runs alternate with them, so that both see the same machine.
+    runs, h2_runs = [], []
+    for i in range(args.repeat):
+        runs.append(cost_run(args, tmp, n, c, f"full{i}"))
+        if args.h2:
+            h2_runs.append(cost_run(args, tmp, n, c, f"h2c{i}", h2=True))
     by_cpu = sorted(runs, key=lambda r: r["cpu"])
     full = by_cpu[(len(by_cpu) - 1) // 2]
     us = full["cpu_per_1000"] * 1000
@@ -408,6 +416,38 @@ def scenario_cost(args, tmp, table):
         # it moves between runs would be multiplied into a meaningless projection.
         table.add(sc, "peak RSS at 1,000,000", "not measured in this run: "
                   "bench/run --orders 1000000 --only cost --concurrency 64 --repeat 1")
+    if h2_runs:
+        full["h2"] = cost_h2(table, n, c, runs, h2_runs)
+    return full
+
+
+def cost_h2(table, n, c, runs, h2_runs):
+    """2b. The same N with fetch.http2_prior_knowledge, each run right after an
+    HTTP/1.1 one: its CPU, and the ratio to the HTTP/1.1 run before it."""
+    sc = "2b unthrottled cost, HTTP/2 (h2c)"
+    by_cpu = sorted(h2_runs, key=lambda r: r["cpu"])
+    full = by_cpu[(len(by_cpu) - 1) // 2]
+    us = full["cpu_per_1000"] * 1000
+    table.add(sc, f"runs (N = {n}, concurrency {c}, fetch.http2_prior_knowledge, "
+                  f"x{len(h2_runs)})",
+              "; ".join(f"exit {r['rc']}, {r['rows']}/{n} rows, {r['stats']['throttled']} 429s"
+                        for r in h2_runs),
+              "exit 0, all rows", all(r["ok"] for r in h2_runs))
+    table.add(sc, "throughput (median run)",
+              f"{full['orders_per_s']:.0f} orders/s (wall {full['wall']:.2f} s)")
+    table.add(sc, "CPU per order, each run (us, user+sys)",
+              ", ".join(f"{r['cpu_per_1000'] * 1000:.1f}" for r in h2_runs)
+              + f" (best {by_cpu[0]['cpu_per_1000'] * 1000:.1f})")
+    table.add(sc, "CPU per 1000 orders (user+sys), median run",
+              f"{full['cpu_per_1000']:.4f} s = {us:.1f} us/order "
+              f"({full['user']:.2f} user + {full['sys']:.2f} sys)",
+              f"<= {CPU_US_PER_ORDER_MAX:g} us/order", us <= CPU_US_PER_ORDER_MAX)
+    ratios = [h["cpu"] / r["cpu"] for r, h in zip(runs, h2_runs) if r["cpu"]]
+    table.add(sc, "CPU of each h2c run / the HTTP/1.1 run just before it",
+              ", ".join(f"{x:.2f}" for x in ratios)
+              + f" (median {statistics.median(ratios):.2f})")
+    table.add(sc, f"peak RSS at N = {n}",
+              f"{max(r['maxrss_kib'] for r in h2_runs) / 1024:.1f} MiB")
     return full
 
 
@@ -600,6 +640,12 @@ def peer_run(args, tmp, table, paysync_full, client, sc):
         ratio = r["cpu"] / paysync_full["cpu"] if paysync_full["cpu"] else float("nan")
         table.add(sc, "peer CPU / paysync CPU per order", f"{ratio:.2f}x",
                   f">= {PEER_RATIO_MIN:g}x", ratio >= PEER_RATIO_MIN)
+        h2 = paysync_full.get("h2")
+        if h2 and h2["cpu"]:
+            h2_ratio = r["cpu"] / n / (h2["cpu"] / h2["n"])
+            table.add(sc, "peer CPU / paysync h2c CPU per order (2b; the peer has no "
+                          "HTTP/2)", f"{h2_ratio:.2f}x", f">= {PEER_RATIO_MIN:g}x",
+                      h2_ratio >= PEER_RATIO_MIN)
         table.add(sc, "paysync orders/s / peer orders/s",
                   f"{paysync_full['orders_per_s'] / (n / r['wall']):.2f}x")
 
@@ -664,8 +710,14 @@ How each figure is measured:
   N, run --repeat times (default 5): CPU time of identical runs moves by 10-25 % on
   a shared virtual machine, so the median run is the figure (every run is listed)
   and peak RSS is the largest of the runs; the N/4 run at that concurrency is the
-  memory comparison. The 1,000,000-order RSS figure is a linear projection unless
-  run with --orders 1000000.
+  memory comparison. The 1,000,000-order RSS figure is measured only with
+  --orders 1000000; it is never projected.
+- 2b HTTP/2: the same N and concurrency with `fetch.http2_prior_knowledge = true`
+  (h2c: the mock speaks HTTP/2 to a client that opens with its preface), each run
+  right after an HTTP/1.1 run of 2, so that each pair sees the same machine; the
+  ratio of each pair is listed. Requests in flight share one connection, so the
+  kernel work per order falls. The peer has no HTTP/2 (the standard library does
+  not speak it), so 2 is the like-for-like comparison with it.
 - 3 settlement: `PENDING` orders (mock: P polls pending, C polls confirming, then
   paid), poll_interval = confirming_interval = 200ms, backoff_factor 1.0, wait 60s.
   Polls per order = the mock's detail requests / orders; ideal = P + C + 1.
@@ -700,6 +752,8 @@ def main():
                     help="fetch.concurrency values to sweep in the cost scenario")
     ap.add_argument("--repeat", type=int, default=5,
                     help="runs of N in the cost scenario; the median is reported (default 5)")
+    ap.add_argument("--no-h2", dest="h2", action="store_false",
+                    help="skip the cost scenario's HTTP/2 (h2c) runs (2b)")
     ap.add_argument("--quota-orders", type=int, default=400)
     ap.add_argument("--settle-orders", type=int, default=1000)
     ap.add_argument("--pending-polls", type=int, default=2)

@@ -282,7 +282,7 @@ impl Engine {
             settings.fetch.timeout,
             settings.fetch.max_body,
             stats.clone(),
-            &settings.fetch.extra_roots,
+            &settings.fetch.client,
         )
         .map_err(|e| RunError::Setup(e.to_string()))?;
         let provider = build_provider(&settings, transport)?;

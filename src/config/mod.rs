@@ -17,7 +17,7 @@ use chrono::FixedOffset;
 use secrecy::SecretString;
 
 use crate::fetch::retry::{DEFAULT_BACKOFF_BASE, DEFAULT_BACKOFF_MAX, DEFAULT_MAX_ATTEMPTS};
-use crate::fetch::{ExtraRoots, RetryPolicy};
+use crate::fetch::{ClientOptions, RetryPolicy};
 use crate::model::PayStatus;
 use crate::output::layout::PathTemplate;
 use crate::output::{Compression, Encoding, Format};
@@ -180,8 +180,9 @@ pub struct FetchSettings {
     pub timeout: Duration,
     pub retry: RetryPolicy,
     pub max_body: usize,
-    /// Root certificates trusted besides the built-in ones (`fetch.ca_file`).
-    pub extra_roots: ExtraRoots,
+    /// Trust and protocol of the HTTP client (`fetch.ca_file`,
+    /// `fetch.http2_prior_knowledge`).
+    pub client: ClientOptions,
 }
 
 #[derive(Debug, Clone)]

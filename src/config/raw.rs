@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::fetch::ExtraRoots;
+
 use super::*;
 
 #[derive(Debug, Deserialize)]
@@ -71,6 +73,7 @@ struct Fetch {
     backoff_max: Option<String>,
     max_body: Option<i64>,
     ca_file: Option<PathBuf>,
+    http2_prior_knowledge: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -386,15 +389,19 @@ impl Config {
                 DEFAULT_MAX_BODY as i64,
                 1 << 30,
             )? as usize,
-            extra_roots: match f.ca_file.map(|p| anchor(base, p)) {
-                None => ExtraRoots::default(),
-                Some(path) => {
-                    let key = "fetch.ca_file";
-                    let pem = std::fs::read(&path)
-                        .map_err(|e| c.err(key, format!("cannot read {}: {e}", path.display())))?;
-                    ExtraRoots::from_pem(&pem)
-                        .map_err(|e| c.err(key, format!("{} {e}", path.display())))?
-                }
+            client: ClientOptions {
+                extra_roots: match f.ca_file.map(|p| anchor(base, p)) {
+                    None => ExtraRoots::default(),
+                    Some(path) => {
+                        let key = "fetch.ca_file";
+                        let pem = std::fs::read(&path).map_err(|e| {
+                            c.err(key, format!("cannot read {}: {e}", path.display()))
+                        })?;
+                        ExtraRoots::from_pem(&pem)
+                            .map_err(|e| c.err(key, format!("{} {e}", path.display())))?
+                    }
+                },
+                http2_prior_knowledge: f.http2_prior_knowledge.unwrap_or(false),
             },
         };
 

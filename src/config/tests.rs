@@ -123,6 +123,10 @@ fn errors_name_file_and_key() {
         ("[metrics]\nlisten = \"localhost\"\n", "metrics.listen"),
         ("[input]\nrotated_dir = \"\"\n", "input.rotated_dir"),
         (
+            "[fetch]\nhttp2_prior_knowledge = \"yes\"\n",
+            "http2_prior_knowledge",
+        ),
+        (
             "[metrics]\nbearer_token_env = \"X\"\nbearer_token_file = \"t\"\n",
             "metrics.bearer_token_file",
         ),
@@ -226,7 +230,7 @@ fn ca_file() {
         let text = format!("{MINIMAL}[fetch]\nca_file = \"{name}\"\n");
         Settings::from_toml(&text, &config, dir.path())
     };
-    assert!(load(MINIMAL).unwrap().fetch.extra_roots.is_empty());
+    assert!(load(MINIMAL).unwrap().fetch.client.extra_roots.is_empty());
 
     let ca = concat!(
         env!("CARGO_MANIFEST_DIR"),
@@ -237,7 +241,7 @@ fn ca_file() {
     let bundle =
         format!("-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n{pem}{pem}");
     std::fs::write(dir.path().join("ca.pem"), bundle).unwrap();
-    assert_eq!(load_ca("ca.pem").unwrap().fetch.extra_roots.len(), 2);
+    assert_eq!(load_ca("ca.pem").unwrap().fetch.client.extra_roots.len(), 2);
 
     std::fs::write(dir.path().join("empty.pem"), "not a certificate\n").unwrap();
     let not_der = "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n";
@@ -259,4 +263,12 @@ fn ca_file() {
         );
         assert!(msg.contains(says), "{says:?} not in: {msg}");
     }
+}
+
+/// `fetch.http2_prior_knowledge` is off unless set.
+#[test]
+fn http2_prior_knowledge() {
+    assert!(!load(MINIMAL).unwrap().fetch.client.http2_prior_knowledge);
+    let on = load(&format!("{MINIMAL}[fetch]\nhttp2_prior_knowledge = true\n")).unwrap();
+    assert!(on.fetch.client.http2_prior_knowledge);
 }

@@ -7,13 +7,16 @@
 //! - [`Connector`]: opens a connection to a destination, directly or through a proxy.
 //! - [`Stream`]: the connection it opens.
 //! - [`BuildError`]: why the client could not be built.
-//! - [`ExtraRoots`]: root certificates trusted besides the webpki roots
-//!   (`fetch.ca_file`).
+//! - [`ClientOptions`]: what `[fetch]` says about connecting: [`ExtraRoots`] (root
+//!   certificates trusted besides the webpki roots, `fetch.ca_file`) and HTTP/2 prior
+//!   knowledge (`fetch.http2_prior_knowledge`).
 //!
 //! TLS is rustls (ring) with the webpki roots (and any [`ExtraRoots`]),
 //! certificates always verified;
-//! http/1.1, or HTTP/2 when an https server picks it through ALPN. Redirects are not
-//! followed (a 3xx is the provider's answer).
+//! http/1.1, or HTTP/2 when an https server picks it through ALPN. With prior
+//! knowledge every connection speaks HTTP/2 from its first byte (h2c on plain http;
+//! only `h2` offered through ALPN), so concurrent requests share one connection and
+//! its system calls. Redirects are not followed (a 3xx is the provider's answer).
 //!
 //! Proxies come from `HTTP_PROXY`, `HTTPS_PROXY`, `ALL_PROXY` and `NO_PROXY` (or their
 //! lower-case names), read once when the client is built, with curl's rules. An
@@ -112,6 +115,39 @@ impl ExtraRoots {
     }
 }
 
+/// How the client connects: whom it trusts and which HTTP it speaks (`[fetch]`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ClientOptions {
+    /// Root certificates trusted besides the webpki roots (`fetch.ca_file`).
+    pub extra_roots: ExtraRoots,
+    /// Speak HTTP/2 on every connection without asking first
+    /// (`fetch.http2_prior_knowledge`): h2c for http, and only `h2` offered through
+    /// ALPN for https (a server that cannot speak it fails the handshake).
+    pub http2_prior_knowledge: bool,
+}
+
+impl ClientOptions {
+    /// The protocols offered through ALPN on TLS connections to the destination.
+    fn alpn(&self) -> &'static [&'static [u8]] {
+        if self.http2_prior_knowledge {
+            &[b"h2"]
+        } else {
+            &[b"h2", b"http/1.1"]
+        }
+    }
+
+    /// The protocols offered through ALPN on TLS connections to an `https://` proxy.
+    /// Without prior knowledge only http/1.1: requests to a proxy are written in
+    /// absolute form, which HTTP/2 has no use for.
+    fn proxy_alpn(&self) -> &'static [&'static [u8]] {
+        if self.http2_prior_knowledge {
+            &[b"h2"]
+        } else {
+            &[b"http/1.1"]
+        }
+    }
+}
+
 impl std::fmt::Debug for ExtraRoots {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "ExtraRoots({} certificates)", self.0.len())
@@ -169,9 +205,9 @@ pub struct HttpClient {
 }
 
 impl HttpClient {
-    /// A client using the proxies the environment names, if any, and trusting
-    /// `roots` besides the webpki roots.
-    pub fn new(roots: &ExtraRoots) -> Result<Self, BuildError> {
+    /// A client using the proxies the environment names, if any, set up as
+    /// `options` say.
+    pub fn new(options: &ClientOptions) -> Result<Self, BuildError> {
         let proxies = PROXY_VARS
             .iter()
             .any(|v| std::env::var_os(v).is_some_and(|s| !s.is_empty()))
@@ -180,17 +216,21 @@ impl HttpClient {
             // Matcher's Debug leaves out proxy credentials.
             tracing::debug!(proxies = ?m, "using proxies from the environment");
         }
-        Self::with_proxies(proxies, roots)
+        Self::with_proxies(proxies, options)
     }
 
-    /// A client using `proxies` (none: every connection is direct), trusting
-    /// `roots` besides the webpki roots.
-    pub fn with_proxies(proxies: Option<Matcher>, roots: &ExtraRoots) -> Result<Self, BuildError> {
+    /// A client using `proxies` (none: every connection is direct), set up as
+    /// `options` say.
+    pub fn with_proxies(
+        proxies: Option<Matcher>,
+        options: &ClientOptions,
+    ) -> Result<Self, BuildError> {
         let proxies = proxies.map(Arc::new);
+        let roots = &options.extra_roots;
         let connector = Connector {
-            direct: HttpsConnector::from((tcp(), tls_config(&[b"h2", b"http/1.1"], roots)?)),
-            to_proxy: HttpsConnector::from((tcp(), tls_config(&[b"http/1.1"], roots)?)),
-            tunneled: Arc::new(tls_config(&[b"h2", b"http/1.1"], roots)?),
+            direct: HttpsConnector::from((tcp(), tls_config(options.alpn(), roots)?)),
+            to_proxy: HttpsConnector::from((tcp(), tls_config(options.proxy_alpn(), roots)?)),
+            tunneled: Arc::new(tls_config(options.alpn(), roots)?),
             proxies: proxies.clone(),
         };
         let client = Client::builder(TokioExecutor::new())
@@ -198,6 +238,7 @@ impl HttpClient {
             .pool_timer(TokioTimer::new())
             .pool_idle_timeout(POOL_IDLE_TIMEOUT)
             .pool_max_idle_per_host(POOL_MAX_IDLE_PER_HOST)
+            .http2_only(options.http2_prior_knowledge)
             .build(connector);
         Ok(Self { client, proxies })
     }
@@ -266,10 +307,10 @@ fn tls_config(alpn: &[&[u8]], extra: &ExtraRoots) -> Result<rustls::ClientConfig
 /// https) or through the proxy the environment names for it.
 #[derive(Clone)]
 pub struct Connector {
-    /// Direct connections; TLS for https, offering h2 and http/1.1.
+    /// Direct connections; TLS for https, offering [`ClientOptions::alpn`].
     direct: HttpsConnector<HttpConnector>,
-    /// Connections to a proxy (TLS for an `https://` proxy), http/1.1 only: requests
-    /// to it are written in absolute form, which HTTP/2 has no use for.
+    /// Connections to a proxy (TLS for an `https://` proxy, offering
+    /// [`ClientOptions::proxy_alpn`]).
     to_proxy: HttpsConnector<HttpConnector>,
     /// TLS to the destination inside a `CONNECT` tunnel.
     tunneled: Arc<rustls::ClientConfig>,
@@ -497,7 +538,7 @@ mod tests {
             assert!(extensions.is_empty());
         }
         let (addr, _) = recording_server().await;
-        let client = HttpClient::with_proxies(None, &ExtraRoots::default()).unwrap();
+        let client = HttpClient::with_proxies(None, &ClientOptions::default()).unwrap();
         let uri: Uri = format!("http://{addr}/x").parse().unwrap();
         let resp = client.send(Request::get(uri)).await.unwrap();
         assert_eq!(resp.status(), 200);
@@ -513,7 +554,7 @@ mod tests {
     #[tokio::test]
     async fn host_is_sent_once() {
         let (addr, heads) = recording_server().await;
-        let client = HttpClient::with_proxies(None, &ExtraRoots::default()).unwrap();
+        let client = HttpClient::with_proxies(None, &ClientOptions::default()).unwrap();
         let endpoint = crate::fetch::Endpoint::parse(&format!("http://{addr}/api")).unwrap();
         let uri = endpoint.uri("/x", &[]).unwrap();
         let with_host = Request::get(uri.clone()).header(http::header::HOST, endpoint.host());
@@ -532,7 +573,7 @@ mod tests {
     #[tokio::test]
     async fn default_headers_on_direct_requests() {
         let (addr, heads) = recording_server().await;
-        let client = HttpClient::with_proxies(None, &ExtraRoots::default()).unwrap();
+        let client = HttpClient::with_proxies(None, &ClientOptions::default()).unwrap();
         let uri: Uri = format!("http://{addr}/api/x?a=1").parse().unwrap();
         assert_eq!(
             body_of(&client, Request::get(uri.clone())).await.unwrap(),
@@ -571,7 +612,7 @@ mod tests {
             .http(format!("http://user:p%40ss@{proxy}"))
             .no("127.0.0.1")
             .build();
-        let client = HttpClient::with_proxies(Some(matcher), &ExtraRoots::default()).unwrap();
+        let client = HttpClient::with_proxies(Some(matcher), &ClientOptions::default()).unwrap();
         let uri: Uri = "http://paysync-proxy-test.invalid/api/mer/x?o=a+b"
             .parse()
             .unwrap();
@@ -677,7 +718,7 @@ mod tests {
         let matcher = Matcher::builder()
             .https(format!("http://user:pw@{proxy}"))
             .build();
-        let client = HttpClient::with_proxies(Some(matcher), &ExtraRoots::default()).unwrap();
+        let client = HttpClient::with_proxies(Some(matcher), &ClientOptions::default()).unwrap();
         let uri: Uri = "https://paysync-proxy-test.invalid/api/x".parse().unwrap();
         let err = body_of(&client, Request::get(uri)).await.unwrap_err();
         assert!(err.contains("certificate"), "{err}");
@@ -698,7 +739,7 @@ mod tests {
     #[tokio::test]
     async fn socks_proxies_are_refused() {
         let matcher = Matcher::builder().all("socks5://127.0.0.1:1").build();
-        let client = HttpClient::with_proxies(Some(matcher), &ExtraRoots::default()).unwrap();
+        let client = HttpClient::with_proxies(Some(matcher), &ClientOptions::default()).unwrap();
         let uri: Uri = "http://paysync-proxy-test.invalid/x".parse().unwrap();
         let err = body_of(&client, Request::get(uri)).await.unwrap_err();
         assert!(err.contains("only http:// and https:// proxies"), "{err}");

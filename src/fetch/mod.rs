@@ -23,7 +23,7 @@ use hyper::body::Body;
 
 use crate::model::PayDetail;
 use crate::provider::{FetchError, OrderRef, PayProvider, Provider};
-pub use client::{BuildError, ExtraRoots, HttpClient, Request};
+pub use client::{BuildError, ClientOptions, ExtraRoots, HttpClient, Request};
 pub use endpoint::{Endpoint, InvalidEndpoint};
 pub use ratelimit::Limiter;
 pub use retry::{Action, RetryPolicy};
@@ -92,17 +92,17 @@ pub struct Transport {
 }
 
 impl Transport {
-    /// A transport whose client uses the proxies the environment names and trusts
-    /// `roots` besides the webpki roots.
+    /// A transport whose client uses the proxies the environment names, set up as
+    /// `options` say.
     pub fn new(
         limiter: Arc<Limiter>,
         timeout: Duration,
         max_body: usize,
         stats: Arc<Stats>,
-        roots: &ExtraRoots,
+        options: &ClientOptions,
     ) -> Result<Self, BuildError> {
         Ok(Self::with_client(
-            HttpClient::new(roots)?,
+            HttpClient::new(options)?,
             limiter,
             timeout,
             max_body,

@@ -1148,34 +1148,51 @@ async fn https_with_a_self_signed_certificate_is_refused() {
     }
 }
 
-/// A TLS listener for the mock server, with a certificate for 127.0.0.1 issued by
-/// the test CA (`fixtures/test-ca.pem`), offering h2 and http/1.1 through ALPN.
-/// For each connection it notes the protocol agreed through ALPN and the one the
-/// client then spoke (from its first bytes: HTTP/2 opens with `PRI * HTTP/2.0`),
-/// as `"<agreed> <spoken>"`.
-struct TlsListener {
+/// A listener for the mock server that notes, for each connection, the protocol
+/// agreed through ALPN (`none` on plain TCP) and the one the client then spoke (from
+/// its first bytes: HTTP/2 opens with `PRI * HTTP/2.0`), as `"<agreed> <spoken>"`.
+/// With TLS, its certificate is for 127.0.0.1, issued by the test CA
+/// (`fixtures/test-ca.pem`).
+struct NotingListener {
     tcp: tokio::net::TcpListener,
-    acceptor: tokio_rustls::TlsAcceptor,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     seen: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
 
-impl TlsListener {
-    async fn bind() -> Self {
-        use std::sync::Arc;
+impl NotingListener {
+    /// TLS, offering `alpn` (in order of preference).
+    async fn tls(alpn: &[&[u8]]) -> Self {
         let mut config = tls_server_config(
             include_bytes!("fixtures/localhost-cert.der"),
             include_bytes!("fixtures/localhost-key.der"),
         );
-        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        Self {
+            tls: Some(tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config))),
+            ..Self::plain().await
+        }
+    }
+
+    /// Plain TCP.
+    async fn plain() -> Self {
         Self {
             tcp: tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
-            acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(config)),
-            seen: Arc::default(),
+            tls: None,
+            seen: Default::default(),
         }
+    }
+
+    /// What each connection so far agreed and spoke.
+    fn seen(&self) -> std::sync::Arc<std::sync::Mutex<Vec<String>>> {
+        self.seen.clone()
     }
 }
 
-impl axum::serve::Listener for TlsListener {
+/// A byte stream the mock server can serve: plain TCP, or TLS over it.
+trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
+
+impl axum::serve::Listener for NotingListener {
     type Io = Spoken;
     type Addr = std::net::SocketAddr;
 
@@ -1184,19 +1201,26 @@ impl axum::serve::Listener for TlsListener {
             let Ok((tcp, addr)) = self.tcp.accept().await else {
                 continue;
             };
-            // A refused handshake (a client that does not trust the CA) is no
-            // connection to serve.
-            if let Ok(tls) = self.acceptor.accept(tcp).await {
-                let alpn = tls.get_ref().1.alpn_protocol().unwrap_or(b"none");
-                let agreed = String::from_utf8_lossy(alpn).into_owned();
-                let io = Spoken {
-                    tls,
-                    agreed,
-                    first: Vec::new(),
-                    seen: self.seen.clone(),
-                };
-                return (io, addr);
-            }
+            let (io, agreed): (Box<dyn Io>, String) = match &self.tls {
+                None => (Box::new(tcp), "none".into()),
+                Some(acceptor) => match acceptor.accept(tcp).await {
+                    Ok(tls) => {
+                        let alpn = tls.get_ref().1.alpn_protocol().unwrap_or(b"none");
+                        let agreed = String::from_utf8_lossy(alpn).into_owned();
+                        (Box::new(tls), agreed)
+                    }
+                    // A refused handshake (a client that does not trust the CA, or
+                    // no protocol in common) is no connection to serve.
+                    Err(_) => continue,
+                },
+            };
+            let io = Spoken {
+                io,
+                agreed,
+                first: Vec::new(),
+                seen: self.seen.clone(),
+            };
+            return (io, addr);
         }
     }
 
@@ -1205,9 +1229,9 @@ impl axum::serve::Listener for TlsListener {
     }
 }
 
-/// A server-side TLS stream that notes which protocol the client speaks.
+/// A server-side stream that notes which protocol the client speaks.
 struct Spoken {
-    tls: tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
+    io: Box<dyn Io>,
     agreed: String,
     first: Vec<u8>,
     seen: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
@@ -1221,7 +1245,7 @@ impl tokio::io::AsyncRead for Spoken {
     ) -> std::task::Poll<std::io::Result<()>> {
         const PREFACE: &[u8] = b"PRI * HTTP/2.0";
         let before = buf.filled().len();
-        let polled = std::pin::Pin::new(&mut self.tls).poll_read(cx, buf);
+        let polled = std::pin::Pin::new(&mut self.io).poll_read(cx, buf);
         if self.first.len() < PREFACE.len() {
             let new = &buf.filled()[before..];
             let take = new.len().min(PREFACE.len() - self.first.len());
@@ -1247,21 +1271,21 @@ impl tokio::io::AsyncWrite for Spoken {
         cx: &mut std::task::Context<'_>,
         buf: &[u8],
     ) -> std::task::Poll<std::io::Result<usize>> {
-        std::pin::Pin::new(&mut self.tls).poll_write(cx, buf)
+        std::pin::Pin::new(&mut self.io).poll_write(cx, buf)
     }
 
     fn poll_flush(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.tls).poll_flush(cx)
+        std::pin::Pin::new(&mut self.io).poll_flush(cx)
     }
 
     fn poll_shutdown(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.tls).poll_shutdown(cx)
+        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
 
@@ -1272,8 +1296,8 @@ impl tokio::io::AsyncWrite for Spoken {
 async fn https_with_a_private_ca_and_http2() {
     let orders = numbered("PAID", 3);
     for prov in BOTH {
-        let listener = TlsListener::bind().await;
-        let seen = listener.seen.clone();
+        let listener = NotingListener::tls(&[b"h2", b"http/1.1"]).await;
+        let seen = listener.seen();
         let server = MockServer::start_on(listener, MockOptions::default()).unwrap();
         let ws = Workspace::new();
         ws.write("orders.csv", &orders_csv(&orders));
@@ -1318,24 +1342,111 @@ async fn https_with_a_private_ca_and_http2() {
     }
 }
 
+/// `fetch.http2_prior_knowledge` speaks HTTP/2 from the first byte. Over plain http,
+/// both providers fetch every order on a single h2c connection (without the key the
+/// same server hears HTTP/1.1). Over https only `h2` is offered through ALPN: a
+/// server offering only http/1.1 refuses the handshake, one offering h2 gets it.
+#[tokio::test(flavor = "multi_thread")]
+async fn http2_prior_knowledge() {
+    let orders = numbered("PAID", 6);
+    for prov in BOTH {
+        for h2 in [false, true] {
+            let listener = NotingListener::plain().await;
+            let seen = listener.seen();
+            let server = MockServer::start_on(listener, MockOptions::default()).unwrap();
+            let ws = Workspace::new();
+            ws.write("orders.csv", &orders_csv(&orders));
+            let fetch = format!("[fetch]\nconcurrency = 4\nhttp2_prior_knowledge = {h2}\n");
+            prov.config(&ws, &server, &fetch);
+            let out = ws.run(&["--input", "orders.csv"]).await;
+            assert_eq!(
+                out.status.code(),
+                Some(0),
+                "{prov:?} {h2}: {}",
+                stderr(&out)
+            );
+            let latest = latest(&ws.rows());
+            assert_eq!(latest.len(), orders.len(), "{prov:?} {h2}");
+            for (o, r) in &latest {
+                assert_eq!(r["status"], "paid", "{prov:?} {h2} {o}: {r}");
+            }
+            let c = server.counters().snapshot();
+            assert_eq!(prov.detail_requests(&c), orders.len() as u64, "{c:?}");
+            let seen = seen.lock().unwrap().clone();
+            if h2 {
+                assert_eq!(seen, ["none h2"], "{prov:?}");
+            } else {
+                assert!(!seen.is_empty(), "{prov:?}");
+                assert!(
+                    seen.iter().all(|p| p == "none http/1.1"),
+                    "{prov:?}: {seen:?}"
+                );
+            }
+        }
+    }
+
+    let offers: [&[&[u8]]; 2] = [&[b"http/1.1"], &[b"h2", b"http/1.1"]];
+    for offered in offers {
+        let listener = NotingListener::tls(offered).await;
+        let seen = listener.seen();
+        let server = MockServer::start_on(listener, MockOptions::default()).unwrap();
+        let ws = Workspace::new();
+        ws.write("orders.csv", &orders_csv(&orders));
+        ws.write("ca.pem", include_str!("fixtures/test-ca.pem"));
+        let fetch =
+            "[fetch]\nca_file = \"ca.pem\"\nhttp2_prior_knowledge = true\nmax_attempts = 1\n";
+        ws.config(
+            &format!("https://{}/api/mer", server.addr()),
+            PP_SECRET,
+            fetch,
+        );
+        let out = ws.run(&["--input", "orders.csv"]).await;
+        let seen = seen.lock().unwrap().clone();
+        let c = server.counters().snapshot();
+        if offered.len() == 1 {
+            let text = format!("{}\n{}", stdout(&out), stderr(&out));
+            assert!(matches!(out.status.code(), Some(1..=4)), "{text}");
+            assert!(text.contains("NoApplicationProtocol"), "{text}");
+            assert!(seen.is_empty(), "{seen:?}");
+            assert_eq!(c.payprotocol_detail_requests, 0, "{c:?}");
+        } else {
+            assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+            assert_eq!(c.payprotocol_detail_requests, orders.len() as u64, "{c:?}");
+            assert_eq!(seen, ["h2 h2"]);
+        }
+    }
+}
+
 /// An http base URL whose host does not resolve is reached through the proxy the
 /// environment names (`HTTP_PROXY`, or `http_proxy`), here the mock server itself,
 /// which routes the absolute-form requests by path: both providers finish every
-/// order, and the server saw one detail request per order.
+/// order, and the server saw one detail request per order. With
+/// `fetch.http2_prior_knowledge` the requests reach the proxy as HTTP/2 (the mock
+/// speaks it too).
 #[tokio::test(flavor = "multi_thread")]
 async fn http_proxy_from_the_environment_is_used() {
     let orders = numbered("PAID", 3);
-    for (prov, var) in [
-        (Prov::PayProtocol, "HTTP_PROXY"),
-        (Prov::GenAuth, "http_proxy"),
+    for (prov, var, fetch) in [
+        (Prov::PayProtocol, "HTTP_PROXY", ""),
+        (Prov::GenAuth, "http_proxy", ""),
+        (
+            Prov::PayProtocol,
+            "http_proxy",
+            "[fetch]\nhttp2_prior_knowledge = true\n",
+        ),
+        (
+            Prov::GenAuth,
+            "HTTP_PROXY",
+            "[fetch]\nhttp2_prior_knowledge = true\n",
+        ),
     ] {
         let server = mock(MockOptions::default()).await;
         let ws = Workspace::new();
         ws.write("orders.csv", &orders_csv(&orders));
         let host = "http://paysync-proxy-test.invalid";
         match prov {
-            Prov::PayProtocol => ws.config(&format!("{host}/api/mer"), PP_SECRET, ""),
-            Prov::GenAuth => ws.genauth_config(host, GA_SECRET, ""),
+            Prov::PayProtocol => ws.config(&format!("{host}/api/mer"), PP_SECRET, fetch),
+            Prov::GenAuth => ws.genauth_config(host, GA_SECRET, fetch),
         };
         let out = ws
             .run_command(&["--input", "orders.csv"])
