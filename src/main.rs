@@ -247,6 +247,7 @@ async fn daemon(config: &std::path::Path) -> Result<paysync::daemon::DaemonRepor
     let shutdown = shutdown_signal();
     let settings = Arc::new(Settings::load(config)?);
     let metrics_token = settings.metrics.bearer_token(&settings.source)?;
+    let metrics_tls = settings.metrics.tls_config(&settings.source)?;
     let engine = Arc::new(pipeline::Engine::open(settings.clone()).await?);
     let stop_metrics = tokio_util::sync::CancellationToken::new();
     if let Some(addr) = settings.metrics.listen {
@@ -255,9 +256,10 @@ async fn daemon(config: &std::path::Path) -> Result<paysync::daemon::DaemonRepor
             store: engine.store.clone(),
         };
         let stop = stop_metrics.clone();
-        let listener = paysync::metrics::serve(addr, sources, metrics_token, async move {
-            stop.cancelled().await
-        });
+        let listener =
+            paysync::metrics::serve(addr, sources, metrics_token, metrics_tls, async move {
+                stop.cancelled().await
+            });
         tokio::spawn(async move {
             if let Err(e) = listener.await {
                 tracing::error!(%addr, error = %e, "metrics endpoint failed");
@@ -273,6 +275,7 @@ fn validate(config: &std::path::Path) -> anyhow::Result<String> {
     let settings = Settings::load(config)?;
     settings.provider_settings()?;
     settings.metrics.bearer_token(&settings.source)?;
+    settings.metrics.tls_config(&settings.source)?;
     Ok(format!(
         "{}: OK (provider {}, state {}, output {} as {})",
         config.display(),

@@ -11,10 +11,11 @@ mod raw;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::FixedOffset;
-use secrecy::SecretString;
+use secrecy::{ExposeSecret, SecretString};
 
 use crate::fetch::retry::{DEFAULT_BACKOFF_BASE, DEFAULT_BACKOFF_MAX, DEFAULT_MAX_ATTEMPTS};
 use crate::fetch::{ClientOptions, RetryPolicy};
@@ -247,6 +248,18 @@ pub struct MetricsSettings {
     pub listen: Option<std::net::SocketAddr>,
     /// Where the bearer token scrapers must send comes from, if one is required.
     pub token: Option<SecretSource>,
+    /// The certificate and key to serve https with, if set.
+    pub tls: Option<MetricsTls>,
+}
+
+/// `metrics.tls_cert_file` and `metrics.tls_key_file`.
+#[derive(Debug, Clone)]
+pub struct MetricsTls {
+    /// PEM certificate chain, the server's own certificate first.
+    pub cert: PathBuf,
+    /// PEM private key, read like a secret file (`$CREDENTIALS_DIRECTORY` for a
+    /// bare name).
+    pub key: SecretSource,
 }
 
 impl MetricsSettings {
@@ -260,6 +273,49 @@ impl MetricsSettings {
             _ => "metrics.bearer_token_file",
         };
         source.resolve(config, key).map(Some)
+    }
+
+    /// Reads the certificate chain and key and sets up TLS for the endpoint, if
+    /// configured (`config` is the config file, for messages).
+    pub fn tls_config(
+        &self,
+        config: &Path,
+    ) -> Result<Option<Arc<rustls::ServerConfig>>, ConfigError> {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let Some(tls) = &self.tls else {
+            return Ok(None);
+        };
+        let invalid = |key: &str, message: String| ConfigError::Invalid {
+            path: config.to_owned(),
+            key: key.to_owned(),
+            message,
+        };
+        let (cert_key, key_key) = ("metrics.tls_cert_file", "metrics.tls_key_file");
+        let shown = tls.cert.display();
+        let pem = std::fs::read(&tls.cert)
+            .map_err(|e| invalid(cert_key, format!("cannot read {shown}: {e}")))?;
+        let chain = CertificateDer::pem_slice_iter(&pem)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| invalid(cert_key, format!("{shown} is not a PEM file ({e})")))?;
+        if chain.is_empty() {
+            return Err(invalid(
+                cert_key,
+                format!("{shown} holds no PEM certificate (-----BEGIN CERTIFICATE-----)"),
+            ));
+        }
+        let secret = tls.key.resolve(config, key_key)?;
+        // The parser's error names the PEM section, never the key's bytes.
+        let key = PrivateKeyDer::from_pem_slice(secret.expose_secret().as_bytes())
+            .map_err(|e| invalid(key_key, format!("holds no usable PEM private key ({e})")))?;
+        crate::metrics::server_tls(chain, key)
+            .map(|c| Some(Arc::new(c)))
+            .map_err(|e| {
+                invalid(
+                    key_key,
+                    format!("cannot be used with the certificate in {shown}: {e}"),
+                )
+            })
     }
 }
 

@@ -37,6 +37,8 @@ struct Metrics {
     listen: Option<String>,
     bearer_token_env: Option<String>,
     bearer_token_file: Option<PathBuf>,
+    tls_cert_file: Option<PathBuf>,
+    tls_key_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -544,6 +546,25 @@ impl Config {
                 file.map(|f| anchor_secret(base, f)),
             )?),
         };
+        let tls = match (m.tls_cert_file, m.tls_key_file) {
+            (None, None) => None,
+            (Some(cert), Some(key)) => Some(MetricsTls {
+                cert: anchor(base, cert),
+                key: SecretSource::File(anchor_secret(base, key)),
+            }),
+            (Some(_), None) => {
+                return Err(c.err(
+                    "metrics.tls_key_file",
+                    "is required with metrics.tls_cert_file",
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(c.err(
+                    "metrics.tls_cert_file",
+                    "is required with metrics.tls_key_file",
+                ));
+            }
+        };
         let metrics = MetricsSettings {
             listen: match m.listen.as_deref().map(str::trim) {
                 None | Some("") => None,
@@ -556,11 +577,14 @@ impl Config {
                     })?;
                     if !addr.ip().is_loopback() && token.is_none() {
                         tracing::warn!(%addr, "metrics.listen is not a loopback address and no metrics.bearer_token_* is set; the endpoint is unauthenticated");
+                    } else if !addr.ip().is_loopback() && tls.is_none() {
+                        tracing::warn!(%addr, "metrics.listen is not a loopback address and no metrics.tls_cert_file is set; the bearer token travels in clear");
                     }
                     Some(addr)
                 }
             },
             token,
+            tls,
         };
         Ok(Settings {
             source: source.to_owned(),

@@ -134,6 +134,10 @@ fn errors_name_file_and_key() {
             "[metrics]\nbearer_token_env = \" \"\n",
             "metrics.bearer_token_env",
         ),
+        (
+            "[metrics]\ntls_cert_file = \"c.pem\"\n",
+            "metrics.tls_key_file",
+        ),
         ("[wat]\nx = 1\n", "wat"),
     ];
     for (extra, key) in cases {

@@ -525,6 +525,156 @@ async fn metrics_with_a_bearer_token() {
     assert!(!log.contains(token), "the token leaked into the log");
 }
 
+/// GET `/metrics` over https on 127.0.0.1:`port` as a client trusting the test CA,
+/// with `Authorization: Bearer <token>` if given: the status and the body.
+async fn https_scrape(port: u16, token: Option<&str>) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio_rustls::rustls;
+    let mut roots = rustls::RootCertStore::empty();
+    let ca = include_bytes!("fixtures/test-ca.pem");
+    for cert in rustls::pki_types::pem::PemObject::pem_slice_iter(ca) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+    let request =
+        format!("GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n{auth}Connection: close\r\n\r\n");
+    tls.write_all(request.as_bytes()).await.unwrap();
+    let mut response = Vec::new();
+    // The server closes after the response; how it closes (with or without TLS
+    // close_notify) does not matter here.
+    let _ = tls.read_to_end(&mut response).await;
+    let response = String::from_utf8_lossy(&response).into_owned();
+    let status = response
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no HTTP response: {response:?}"));
+    (status, response)
+}
+
+/// `metrics.tls_cert_file` / `tls_key_file`: the endpoint speaks https only. Half
+/// a pair, a certificate file without certificates, a key file without a key and
+/// a key that is not the certificate's are each exit 2 naming the key (and never
+/// showing the key). Served: a client trusting the test CA gets 401 without the
+/// token and 200 with it, plain http gets no answer, and a client that connects
+/// and says nothing holds up no one.
+#[tokio::test(flavor = "multi_thread")]
+async fn metrics_over_https() {
+    let (server, ws) = daemon_workspace().await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let token = "tls-mEtRiCs-58c1e0";
+    ws.write("metrics-token", &format!("{token}\n"));
+    let key_pem = include_str!("fixtures/localhost-key.pem");
+    ws.write("cert.pem", include_str!("fixtures/localhost-cert.pem"));
+    ws.write("key.pem", key_pem);
+    ws.write(
+        "other-key.pem",
+        include_str!("fixtures/self-signed-key.pem"),
+    );
+    let config = |tls: &str| {
+        let metrics = format!(
+            "{DAEMON}\n[metrics]\nlisten = \"127.0.0.1:{port}\"\nbearer_token_file = \"metrics-token\"\n{tls}"
+        );
+        ws.config(&server.payprotocol_base_url(), SECRET, &metrics);
+    };
+    let key_line = key_pem.lines().nth(1).unwrap();
+    for (tls, key, says) in [
+        (
+            "tls_cert_file = \"cert.pem\"\n",
+            "metrics.tls_key_file",
+            "is required",
+        ),
+        (
+            "tls_key_file = \"key.pem\"\n",
+            "metrics.tls_cert_file",
+            "is required",
+        ),
+        (
+            "tls_cert_file = \"key.pem\"\ntls_key_file = \"key.pem\"\n",
+            "metrics.tls_cert_file",
+            "holds no PEM certificate",
+        ),
+        (
+            "tls_cert_file = \"cert.pem\"\ntls_key_file = \"cert.pem\"\n",
+            "metrics.tls_key_file",
+            "no usable PEM private key",
+        ),
+        (
+            "tls_cert_file = \"cert.pem\"\ntls_key_file = \"other-key.pem\"\n",
+            "metrics.tls_key_file",
+            "cannot be used with the certificate",
+        ),
+    ] {
+        config(tls);
+        for command in ["validate", "daemon"] {
+            let out = ws
+                .command(&[command, "--config", "config.toml"])
+                .output()
+                .await
+                .unwrap();
+            let err = stderr(&out);
+            assert_eq!(out.status.code(), Some(2), "{command} {tls}: {err}");
+            assert!(
+                err.contains(key) && err.contains(says),
+                "{command} {tls}: {err}"
+            );
+            assert!(err.contains("config.toml"), "{err}");
+            assert!(!err.contains(key_line), "the key leaked: {err}");
+        }
+    }
+
+    config("tls_cert_file = \"cert.pem\"\ntls_key_file = \"key.pem\"\n");
+    append(&ws, "queue.txt", "Q-PAID-1\n");
+    let daemon = start_daemon_with(&ws, None, &[("RUST_LOG", "paysync=trace")]);
+    wait_for("first line exported", || latest(&ws.rows()).len() == 1).await;
+    // Holds a connection open without a handshake for the rest of the test.
+    let _silent = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let scrape = |token| {
+        let scraped = https_scrape(port, token);
+        async move {
+            tokio::time::timeout(Duration::from_secs(30), scraped)
+                .await
+                .expect("the scrape was held up")
+        }
+    };
+    let (status, body) = scrape(None).await;
+    assert_eq!(status, 401, "{body}");
+    assert!(!body.contains("paysync_"), "{body}");
+    let (status, body) = scrape(Some(token)).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("paysync_requests_total "), "{body}");
+    let plain = reqwest::Client::new()
+        .get(format!("http://127.0.0.1:{port}/metrics"))
+        .header("authorization", format!("Bearer {token}"))
+        .send()
+        .await;
+    assert!(plain.is_err(), "plain http was answered: {plain:?}");
+    let log = stop_daemon(daemon).await;
+    assert!(log.contains("\"https\":true"), "{log}");
+    assert!(!log.contains(token), "the token leaked into the log");
+    assert!(!log.contains(key_line), "the key leaked into the log");
+}
+
 /// logrotate's `olddir`: rotated queue files moved to `input.rotated_dir` (here
 /// relative to the queue file's directory), renamed or compressed, still have
 /// their unread lines read.
