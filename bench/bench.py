@@ -437,7 +437,8 @@ def cost_h2(table, n, c, runs, h2_runs):
               f"{full['orders_per_s']:.0f} orders/s (wall {full['wall']:.2f} s)")
     table.add(sc, "CPU per order, each run (us, user+sys)",
               ", ".join(f"{r['cpu_per_1000'] * 1000:.1f}" for r in h2_runs)
-              + f" (best {by_cpu[0]['cpu_per_1000'] * 1000:.1f})")
+              + f" (best {by_cpu[0]['cpu_per_1000'] * 1000:.1f}); the reference workload just "
+              "before each: " + ", ".join(f"{r['reference']:.3f} s" for r in h2_runs))
     table.add(sc, "CPU per 1000 orders (user+sys), median run",
               f"{full['cpu_per_1000']:.4f} s = {us:.1f} us/order "
               f"({full['user']:.2f} user + {full['sys']:.2f} sys)",
