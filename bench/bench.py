@@ -360,6 +360,31 @@ def cost_run(args, tmp, n, concurrency, tag, h2=False):
     return r
 
 
+def median_run_rows(table, sc, what, runs):
+    """The rows of repeated identical cost runs: each run's outcome, CPU and the
+    reference loop before it, and the median run's throughput and CPU, which it
+    returns."""
+    n = runs[0]["n"]
+    by_cpu = sorted(runs, key=lambda r: r["cpu"])
+    full = by_cpu[(len(by_cpu) - 1) // 2]
+    us = full["cpu_per_1000"] * 1000
+    table.add(sc, f"runs ({what}, x{len(runs)})",
+              "; ".join(f"exit {r['rc']}, {r['rows']}/{n} rows, {r['stats']['throttled']} 429s"
+                        for r in runs),
+              "exit 0, all rows", all(r["ok"] for r in runs))
+    table.add(sc, "throughput (median run)",
+              f"{full['orders_per_s']:.0f} orders/s (wall {full['wall']:.2f} s)")
+    table.add(sc, "CPU per order, each run (us, user+sys)",
+              ", ".join(f"{r['cpu_per_1000'] * 1000:.1f}" for r in runs)
+              + f" (best {by_cpu[0]['cpu_per_1000'] * 1000:.1f}); the reference workload just "
+              "before each: " + ", ".join(f"{r['reference']:.3f} s" for r in runs))
+    table.add(sc, "CPU per 1000 orders (user+sys), median run",
+              f"{full['cpu_per_1000']:.4f} s = {us:.1f} us/order "
+              f"({full['user']:.2f} user + {full['sys']:.2f} sys)",
+              f"<= {CPU_US_PER_ORDER_MAX:g} us/order", us <= CPU_US_PER_ORDER_MAX)
+    return full
+
+
 def scenario_cost(args, tmp, table):
     """2. Unthrottled cost: a concurrency sweep at N/4, then N at the best concurrency."""
     n, small = args.orders, max(1, args.orders // 4)
@@ -381,23 +406,7 @@ def scenario_cost(args, tmp, table):
         runs.append(cost_run(args, tmp, n, c, f"full{i}"))
         if args.h2:
             h2_runs.append(cost_run(args, tmp, n, c, f"h2c{i}", h2=True))
-    by_cpu = sorted(runs, key=lambda r: r["cpu"])
-    full = by_cpu[(len(by_cpu) - 1) // 2]
-    us = full["cpu_per_1000"] * 1000
-    table.add(sc, f"runs (N = {n}, concurrency {c}, x{len(runs)})",
-              "; ".join(f"exit {r['rc']}, {r['rows']}/{n} rows, {r['stats']['throttled']} 429s"
-                        for r in runs),
-              "exit 0, all rows", all(r["ok"] for r in runs))
-    table.add(sc, "throughput (median run)",
-              f"{full['orders_per_s']:.0f} orders/s (wall {full['wall']:.2f} s)")
-    table.add(sc, "CPU per order, each run (us, user+sys)",
-              ", ".join(f"{r['cpu_per_1000'] * 1000:.1f}" for r in runs)
-              + f" (best {by_cpu[0]['cpu_per_1000'] * 1000:.1f}); the reference workload just "
-              "before each: " + ", ".join(f"{r['reference']:.3f} s" for r in runs))
-    table.add(sc, "CPU per 1000 orders (user+sys), median run",
-              f"{full['cpu_per_1000']:.4f} s = {us:.1f} us/order "
-              f"({full['user']:.2f} user + {full['sys']:.2f} sys)",
-              f"<= {CPU_US_PER_ORDER_MAX:g} us/order", us <= CPU_US_PER_ORDER_MAX)
+    full = median_run_rows(table, sc, f"N = {n}, concurrency {c}", runs)
     rss = max(r["maxrss_kib"] for r in runs) / 1024
     rss_small = best["maxrss_kib"] / 1024
     if n >= RSS_TARGET_ORDERS:
@@ -425,24 +434,8 @@ def cost_h2(table, n, c, runs, h2_runs):
     """2b. The same N with fetch.http2_prior_knowledge, each run right after an
     HTTP/1.1 one: its CPU, and the ratio to the HTTP/1.1 run before it."""
     sc = "2b unthrottled cost, HTTP/2 (h2c)"
-    by_cpu = sorted(h2_runs, key=lambda r: r["cpu"])
-    full = by_cpu[(len(by_cpu) - 1) // 2]
-    us = full["cpu_per_1000"] * 1000
-    table.add(sc, f"runs (N = {n}, concurrency {c}, fetch.http2_prior_knowledge, "
-                  f"x{len(h2_runs)})",
-              "; ".join(f"exit {r['rc']}, {r['rows']}/{n} rows, {r['stats']['throttled']} 429s"
-                        for r in h2_runs),
-              "exit 0, all rows", all(r["ok"] for r in h2_runs))
-    table.add(sc, "throughput (median run)",
-              f"{full['orders_per_s']:.0f} orders/s (wall {full['wall']:.2f} s)")
-    table.add(sc, "CPU per order, each run (us, user+sys)",
-              ", ".join(f"{r['cpu_per_1000'] * 1000:.1f}" for r in h2_runs)
-              + f" (best {by_cpu[0]['cpu_per_1000'] * 1000:.1f}); the reference workload just "
-              "before each: " + ", ".join(f"{r['reference']:.3f} s" for r in h2_runs))
-    table.add(sc, "CPU per 1000 orders (user+sys), median run",
-              f"{full['cpu_per_1000']:.4f} s = {us:.1f} us/order "
-              f"({full['user']:.2f} user + {full['sys']:.2f} sys)",
-              f"<= {CPU_US_PER_ORDER_MAX:g} us/order", us <= CPU_US_PER_ORDER_MAX)
+    full = median_run_rows(table, sc, f"N = {n}, concurrency {c}, fetch.http2_prior_knowledge",
+                           h2_runs)
     ratios = [h["cpu"] / r["cpu"] for r, h in zip(runs, h2_runs) if r["cpu"]]
     table.add(sc, "CPU of each h2c run / the HTTP/1.1 run just before it",
               ", ".join(f"{x:.2f}" for x in ratios)

@@ -29,6 +29,15 @@ poll_interval = "200ms"
 confirming_interval = "200ms"
 "#;
 
+/// A loopback port nothing listens on (bound, read, and released).
+fn unused_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 fn append(ws: &Workspace, rel: &str, text: &str) {
     let mut f = std::fs::OpenOptions::new()
         .create(true)
@@ -206,11 +215,7 @@ async fn daemon_ingests_settles_exports_and_stops_cleanly() {
     let server = mock(MockOptions::default()).await;
     let ws = Workspace::new();
     std::fs::create_dir(ws.path("inbox")).unwrap();
-    let metrics_port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let metrics_port = unused_port();
     ws.config(
         &server.payprotocol_base_url(),
         SECRET,
@@ -477,11 +482,7 @@ async fn rejects_survive_a_crash_after_the_ingest_commit() {
 #[tokio::test(flavor = "multi_thread")]
 async fn metrics_with_a_bearer_token() {
     let (server, ws) = daemon_workspace().await;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = unused_port();
     let token = "mEtRiCs-7f3a91c2d4";
     let metrics_cfg = format!(
         "{DAEMON}\n[metrics]\nlisten = \"127.0.0.1:{port}\"\nbearer_token_file = \"metrics-token\"\n"
@@ -575,11 +576,7 @@ async fn https_scrape(port: u16, token: Option<&str>) -> (u16, String) {
 #[tokio::test(flavor = "multi_thread")]
 async fn metrics_over_https() {
     let (server, ws) = daemon_workspace().await;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = unused_port();
     let token = "tls-mEtRiCs-58c1e0";
     ws.write("metrics-token", &format!("{token}\n"));
     let key_pem = include_str!("fixtures/localhost-key.pem");
