@@ -202,6 +202,8 @@ pub struct HttpClient {
     /// The environment's proxies, if it names any (also needed per request, for
     /// `Proxy-Authorization` on plain-http requests sent through a proxy).
     proxies: Option<Arc<Matcher>>,
+    /// Whether every connection speaks HTTP/2 without asking.
+    http2_prior_knowledge: bool,
 }
 
 impl HttpClient {
@@ -240,7 +242,17 @@ impl HttpClient {
             .pool_max_idle_per_host(POOL_MAX_IDLE_PER_HOST)
             .http2_only(options.http2_prior_knowledge)
             .build(connector);
-        Ok(Self { client, proxies })
+        Ok(Self {
+            client,
+            proxies,
+            http2_prior_knowledge: options.http2_prior_knowledge,
+        })
+    }
+
+    /// Whether every connection speaks HTTP/2 without asking
+    /// (`fetch.http2_prior_knowledge`).
+    pub fn http2_prior_knowledge(&self) -> bool {
+        self.http2_prior_knowledge
     }
 
     /// Sends `request` on a pooled connection (or a new one) and resolves with the

@@ -163,7 +163,7 @@ impl Transport {
             .client
             .send(request)
             .await
-            .map_err(|e| transport_error(&e))?;
+            .map_err(|e| self.transport_error(&e))?;
         let (head, mut body) = resp.into_parts();
         let status = head.status.as_u16();
         let retry_after = if head.headers.contains_key(RETRY_AFTER) {
@@ -182,7 +182,7 @@ impl Transport {
         let mut more = BytesMut::new();
         let mut len = 0usize;
         while let Some(frame) = body.frame().await {
-            let frame = frame.map_err(|e| transport_error(&e))?;
+            let frame = frame.map_err(|e| self.transport_error(&e))?;
             // Trailers carry nothing paysync reads.
             let Ok(chunk) = frame.into_data() else {
                 continue;
@@ -209,6 +209,33 @@ impl Transport {
             retry_after,
             body,
         })
+    }
+}
+
+impl Transport {
+    /// [`transport_error`], with a hint when HTTP/2 was spoken without asking.
+    fn transport_error(&self, e: &(dyn std::error::Error + 'static)) -> FetchError {
+        let err = transport_error(e);
+        if self.client.http2_prior_knowledge() {
+            with_prior_knowledge_hint(err)
+        } else {
+            err
+        }
+    }
+}
+
+/// Points at `fetch.http2_prior_knowledge` in a transport error that speaking
+/// HTTP/2 to a server that does not speak it causes: an HTTP/2 protocol error
+/// (the server answered in HTTP/1.1), a request the server cut off (it closed on
+/// the preface), or no protocol in common through ALPN.
+fn with_prior_knowledge_hint(err: FetchError) -> FetchError {
+    const SIGNS: [&str; 3] = ["http2 error", "(SendRequest)", "NoApplicationProtocol"];
+    match err {
+        FetchError::Transport(mut msg) if SIGNS.iter().any(|s| msg.contains(s)) => {
+            msg.push_str(" (fetch.http2_prior_knowledge is set: does the server speak HTTP/2?)");
+            FetchError::Transport(msg)
+        }
+        other => other,
     }
 }
 
@@ -290,6 +317,33 @@ pub async fn fetch_order(
 mod tests {
     use super::*;
     use http::header::HeaderValue;
+
+    /// The prior-knowledge hint goes on the errors that speaking HTTP/2 to an
+    /// HTTP/1.1 server causes, and on no other.
+    #[test]
+    fn prior_knowledge_hint() {
+        let hinted = |msg: &str| match with_prior_knowledge_hint(FetchError::Transport(msg.into()))
+        {
+            FetchError::Transport(m) => m.ends_with("does the server speak HTTP/2?)"),
+            other => panic!("{other:?}"),
+        };
+        assert!(hinted(
+            "client error (SendRequest): http2 error: connection error detected: frame with invalid size"
+        ));
+        assert!(hinted(
+            "client error (SendRequest): connection error: stream closed because of a broken pipe"
+        ));
+        assert!(hinted(
+            "client error (Connect): received fatal alert: NoApplicationProtocol"
+        ));
+        assert!(!hinted(
+            "client error (Connect): tcp connect error: Connection refused"
+        ));
+        assert!(matches!(
+            with_prior_knowledge_hint(FetchError::Timeout(Duration::ZERO)),
+            FetchError::Timeout(_)
+        ));
+    }
 
     /// A client error becomes its message and its sources' messages, once each; a
     /// socket timeout anywhere in the chain is a timeout.

@@ -1407,6 +1407,10 @@ async fn http2_prior_knowledge() {
             let text = format!("{}\n{}", stdout(&out), stderr(&out));
             assert!(matches!(out.status.code(), Some(1..=4)), "{text}");
             assert!(text.contains("NoApplicationProtocol"), "{text}");
+            assert!(
+                text.contains("fetch.http2_prior_knowledge is set"),
+                "{text}"
+            );
             assert!(seen.is_empty(), "{seen:?}");
             assert_eq!(c.payprotocol_detail_requests, 0, "{c:?}");
         } else {
@@ -1414,6 +1418,40 @@ async fn http2_prior_knowledge() {
             assert_eq!(c.payprotocol_detail_requests, orders.len() as u64, "{c:?}");
             assert_eq!(seen, ["h2 h2"]);
         }
+    }
+}
+
+/// `fetch.http2_prior_knowledge` against a plain-http server that speaks only
+/// HTTP/1.1 (it answers anything with a 400 and closes): every order gets an
+/// `error` row whose message points at the key.
+#[tokio::test(flavor = "multi_thread")]
+async fn http2_prior_knowledge_against_an_http1_server() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = tcp.read(&mut buf).await;
+                let _ = tcp
+                    .write_all(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                    .await;
+            });
+        }
+    });
+    let orders = numbered("PAID", 2);
+    let ws = Workspace::new();
+    ws.write("orders.csv", &orders_csv(&orders));
+    let fetch = "[fetch]\nhttp2_prior_knowledge = true\nmax_attempts = 1\n";
+    ws.config(&format!("http://{addr}/api/mer"), PP_SECRET, fetch);
+    let out = ws.run(&["--input", "orders.csv"]).await;
+    assert!(matches!(out.status.code(), Some(1..=4)), "{}", stderr(&out));
+    let latest = latest(&ws.rows());
+    assert_eq!(latest.len(), orders.len());
+    for (o, r) in &latest {
+        let e = r["error"].as_str().unwrap_or_default();
+        assert!(e.contains("fetch.http2_prior_knowledge is set"), "{o}: {r}");
     }
 }
 
