@@ -29,7 +29,7 @@ use crate::provider::ProviderKind;
 pub use sqlite::SqliteStore;
 
 /// The schema version this build writes; a state file with a higher version is refused.
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 
 /// Errors of the state store. Messages name the state file where one is involved.
 #[derive(Debug, thiserror::Error)]
