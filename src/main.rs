@@ -85,6 +85,26 @@ fn main() -> ExitCode {
     ExitCode::from(code)
 }
 
+/// `println!`, except that a reader that went away (`paysync status | head -3`)
+/// only cuts the output short, as it asked, instead of panicking; any other write
+/// error is reported on stderr.
+macro_rules! out {
+    ($($arg:tt)*) => {
+        emit(format_args!("{}\n", format_args!($($arg)*)))
+    };
+}
+
+fn emit(args: std::fmt::Arguments<'_>) {
+    use std::io::Write as _;
+    let mut stdout = std::io::stdout().lock();
+    match stdout.write_fmt(args).and_then(|()| stdout.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            eprintln!("paysync: cannot write to stdout: {e}");
+        }
+        _ => {}
+    }
+}
+
 /// Prints an error with its causes, the way every command reports failure.
 fn report_error(e: &anyhow::Error) {
     eprintln!("paysync: error: {e:#}");
@@ -94,7 +114,7 @@ async fn dispatch(command: Command) -> u8 {
     match command {
         Command::Run(args) => match run(args).await {
             Ok(report) => {
-                println!("{report}");
+                out!("{report}");
                 if let Some(e) = &report.auth_error {
                     eprintln!("paysync: error: authentication rejected by the provider: {e}");
                 }
@@ -123,7 +143,7 @@ async fn dispatch(command: Command) -> u8 {
         },
         Command::Validate(args) => match validate(&args.config) {
             Ok(msg) => {
-                println!("{msg}");
+                out!("{msg}");
                 0
             }
             Err(e) => {
@@ -155,27 +175,28 @@ async fn dispatch(command: Command) -> u8 {
             }
         }
         Command::Schema(args) => {
-            print!(
+            emit(format_args!(
                 "{}",
                 paysync::schema::render(args.format, &args.input_columns)
-            );
+            ));
             0
         }
         Command::Demo(args) => {
             match demo::run_demo(args.provider, args.orders, &args.dir, shutdown_signal()).await {
                 Ok(out) => {
-                    println!("{}", out.report);
-                    println!(
+                    out!("{}", out.report);
+                    out!(
                         "demo: mock {} server was at {}",
-                        args.provider, out.mock_url
+                        args.provider,
+                        out.mock_url
                     );
-                    println!(
+                    out!(
                         "demo: input {} (config {})",
                         out.input.display(),
                         out.config.display()
                     );
                     if let Some((_, m)) = &out.report.manifest {
-                        println!(
+                        out!(
                             "demo: look at the rows with: head -n 3 {}",
                             args.dir.join("out").join(&m.data_file).display()
                         );
@@ -312,18 +333,18 @@ async fn status(args: StatusArgs) -> anyhow::Result<()> {
             report: &report,
             queue_files: &queue_files,
         };
-        println!("{}", serde_json::to_string_pretty(&status)?);
+        out!("{}", serde_json::to_string_pretty(&status)?);
         return Ok(());
     }
-    println!("orders by status:");
+    out!("orders by status:");
     if report.by_status.is_empty() {
-        println!("  (none)");
+        out!("  (none)");
     }
     for c in &report.by_status {
-        println!("  {:<15} {:<9} {:>10}", c.status, c.tracking, c.orders);
+        out!("  {:<15} {:<9} {:>10}", c.status, c.tracking, c.orders);
     }
     match &report.oldest_unsettled {
-        Some(o) => println!(
+        Some(o) => out!(
             "oldest unsettled: {} ({}), first seen {}, next poll {}",
             o.order_no,
             o.status,
@@ -332,34 +353,36 @@ async fn status(args: StatusArgs) -> anyhow::Result<()> {
                 .map(paysync::model::rfc3339)
                 .unwrap_or_else(|| "-".into())
         ),
-        None => println!("oldest unsettled: none"),
+        None => out!("oldest unsettled: none"),
     }
-    println!("rows not yet exported: {}", report.unexported_rows);
+    out!("rows not yet exported: {}", report.unexported_rows);
     if !queue_files.is_empty() {
-        println!("queue files:");
+        out!("queue files:");
     }
     for q in &queue_files {
         match q.file {
-            QueueFileState::Current => println!(
+            QueueFileState::Current => out!(
                 "  {}: read to byte {} of {}, {} bytes unread",
                 q.path,
                 q.offset,
                 q.size.unwrap_or_default(),
                 q.unread_bytes
             ),
-            QueueFileState::Replaced => println!(
+            QueueFileState::Replaced => out!(
                 "  {}: replaced since the last ingest (rotated or rewritten); the next ingest finishes the old file if it is found, then reads {} bytes",
-                q.path, q.unread_bytes
+                q.path,
+                q.unread_bytes
             ),
-            QueueFileState::Missing => println!(
+            QueueFileState::Missing => out!(
                 "  {}: missing (read to byte {} of the file that was there)",
-                q.path, q.offset
+                q.path,
+                q.offset
             ),
         }
     }
-    println!("last runs:");
+    out!("last runs:");
     for r in &report.last_runs {
-        println!(
+        out!(
             "  {} {:<7} started {} finished {}  {}",
             r.run_id,
             r.command,

@@ -9,6 +9,50 @@ use crate::util::*;
 
 const SECRET: &str = paysync::mock::DEFAULT_API_SECRET;
 
+/// Output into a pipe whose reader is gone (`paysync status | head -1` after
+/// `head` exits): each command that prints ends as it would have, without a panic.
+#[tokio::test(flavor = "multi_thread")]
+async fn output_into_a_closed_pipe_is_not_a_crash() {
+    let server = mock(MockOptions::default()).await;
+    let ws = Workspace::new();
+    ws.write("orders.csv", &orders_csv(&numbered("PAID", 2)));
+    ws.config(&server.payprotocol_base_url(), SECRET, "");
+    let closed = || {
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        writer
+    };
+    for (args, code) in [
+        (
+            vec![
+                "run",
+                "--config",
+                "config.toml",
+                "--no-progress",
+                "--input",
+                "orders.csv",
+            ],
+            0,
+        ),
+        (vec!["status", "--config", "config.toml"], 0),
+        (vec!["status", "--config", "config.toml", "--json"], 0),
+        (vec!["validate", "--config", "config.toml"], 0),
+        (vec!["schema", "--format", "bigquery"], 0),
+    ] {
+        // Not `output()`, which would pipe stdout anew.
+        let child = ws
+            .command(&args)
+            .stdout(closed())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let out = child.wait_with_output().await.unwrap();
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(code), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+    }
+}
+
 /// A clean run: every order ends in its expected final row, amounts are exact,
 /// input columns pass through, the manifest matches the file, and the server saw
 /// exactly the requests the rows account for.
