@@ -2319,33 +2319,30 @@ mod tests {
     /// records of claimed orders (from their lease) as well as unclaimed ones.
     #[test]
     fn counts_follow_every_change() {
+        /// (text, text, count) rows of `sql`.
+        fn triples(conn: &Connection, sql: &str) -> Vec<(String, String, u64)> {
+            conn.prepare(sql)
+                .unwrap()
+                .query_map([], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get::<_, i64>(2)? as u64))
+                })
+                .unwrap()
+                .collect::<Result<_, _>>()
+                .unwrap()
+        }
         fn check(s: &SqliteStore) {
             let conn = s.conn();
-            let scan: Vec<(String, String, u64)> = conn
-                .prepare(
-                    "SELECT COALESCE(status, 'not_polled'), tracking, COUNT(*) FROM orders
-                     GROUP BY 1, 2 ORDER BY 1, 2",
-                )
-                .unwrap()
-                .query_map([], |r| {
-                    Ok((r.get(0)?, r.get(1)?, r.get::<_, i64>(2)? as u64))
-                })
-                .unwrap()
-                .collect::<Result<_, _>>()
-                .unwrap();
-            let runs: Vec<(String, String, u64)> = conn
-                .prepare(
-                    "SELECT last_run, status, COUNT(*) FROM orders
-                     WHERE last_run IS NOT NULL AND status IS NOT NULL
-                     GROUP BY 1, 2 ORDER BY 1, 2",
-                )
-                .unwrap()
-                .query_map([], |r| {
-                    Ok((r.get(0)?, r.get(1)?, r.get::<_, i64>(2)? as u64))
-                })
-                .unwrap()
-                .collect::<Result<_, _>>()
-                .unwrap();
+            let scan = triples(
+                &conn,
+                "SELECT COALESCE(status, 'not_polled'), tracking, COUNT(*) FROM orders
+                 GROUP BY 1, 2 ORDER BY 1, 2",
+            );
+            let runs = triples(
+                &conn,
+                "SELECT last_run, status, COUNT(*) FROM orders
+                 WHERE last_run IS NOT NULL AND status IS NOT NULL
+                 GROUP BY 1, 2 ORDER BY 1, 2",
+            );
             drop(conn);
             let report: Vec<_> = s
                 .status_report(0)

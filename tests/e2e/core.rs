@@ -22,33 +22,30 @@ async fn output_into_a_closed_pipe_is_not_a_crash() {
         drop(reader);
         writer
     };
-    for (args, code) in [
-        (
-            vec![
-                "run",
-                "--config",
-                "config.toml",
-                "--no-progress",
-                "--input",
-                "orders.csv",
-            ],
-            0,
-        ),
-        (vec!["status", "--config", "config.toml"], 0),
-        (vec!["status", "--config", "config.toml", "--json"], 0),
-        (vec!["validate", "--config", "config.toml"], 0),
-        (vec!["schema", "--format", "bigquery"], 0),
+    for args in [
+        &[
+            "run",
+            "--config",
+            "config.toml",
+            "--no-progress",
+            "--input",
+            "orders.csv",
+        ][..],
+        &["status", "--config", "config.toml"],
+        &["status", "--config", "config.toml", "--json"],
+        &["validate", "--config", "config.toml"],
+        &["schema", "--format", "bigquery"],
     ] {
         // Not `output()`, which would pipe stdout anew.
         let child = ws
-            .command(&args)
+            .command(args)
             .stdout(closed())
             .stderr(std::process::Stdio::piped())
             .spawn()
             .unwrap();
         let out = child.wait_with_output().await.unwrap();
         let err = stderr(&out);
-        assert_eq!(out.status.code(), Some(code), "{args:?}: {err}");
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {err}");
         assert!(!err.contains("panicked"), "{args:?}: {err}");
     }
 }
