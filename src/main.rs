@@ -164,7 +164,8 @@ async fn dispatch(command: Command) -> u8 {
         },
         Command::MockServer(args) => {
             let opts = args.options();
-            match mock::serve_until(args.listen, opts, shutdown_signal()).await {
+            let listening = |addr| out!("mock server listening on http://{addr}");
+            match mock::serve_until(args.listen, opts, listening, shutdown_signal()).await {
                 Ok(()) => 0,
                 Err(e) => {
                     report_error(

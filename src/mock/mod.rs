@@ -384,15 +384,17 @@ impl Drop for MockServer {
     }
 }
 
-/// Runs the mock server on `listen` until `shutdown` completes. Prints
-/// `mock server listening on http://ADDR` on stdout once bound.
+/// Runs the mock server on `listen` until `shutdown` completes. `on_bound`
+/// gets the bound address (the real port when `listen` asks for port 0) before
+/// the first request can be answered; `paysync mock-server` prints it.
 pub async fn serve_until(
     listen: SocketAddr,
     opts: MockOptions,
+    on_bound: impl FnOnce(SocketAddr),
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
     let server = MockServer::start(listen, opts).await?;
-    println!("mock server listening on http://{}", server.addr());
+    on_bound(server.addr());
     shutdown.await;
     server.shutdown().await;
     Ok(())

@@ -773,14 +773,34 @@ async fn shutdown_cuts_slow_answers_short() {
     assert!(answer.is_err() || answer.is_ok_and(|r| r.status() == 504));
 }
 
-/// `serve_until` binds, serves, and returns once its shutdown future completes.
+/// `serve_until` binds, reports the bound port, serves, and returns once its
+/// shutdown future completes.
 #[tokio::test]
 async fn serve_until_returns_on_shutdown() {
     let listen: SocketAddr = "127.0.0.1:0".parse().expect("valid address");
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(serve_until(listen, MockOptions::default(), async {
-        let _ = rx.await;
-    }));
+    let (bound_tx, bound_rx) = tokio::sync::oneshot::channel::<SocketAddr>();
+    let server = tokio::spawn(serve_until(
+        listen,
+        MockOptions::default(),
+        move |addr| {
+            let _ = bound_tx.send(addr);
+        },
+        async {
+            let _ = rx.await;
+        },
+    ));
+    let addr = bound_rx.await.expect("bound address reported");
+    assert_ne!(addr.port(), 0);
+    let snap: CountersSnapshot = client()
+        .get(format!("http://{addr}/__mock/stats"))
+        .send()
+        .await
+        .expect("the reported address serves")
+        .json()
+        .await
+        .expect("snapshot JSON");
+    assert_eq!(snap.total_requests, 0);
     let _ = tx.send(());
     tokio::time::timeout(Duration::from_secs(30), server)
         .await

@@ -53,6 +53,61 @@ async fn output_into_a_closed_pipe_is_not_a_crash() {
 /// A clean run: every order ends in its expected final row, amounts are exact,
 /// input columns pass through, the manifest matches the file, and the server saw
 /// exactly the requests the rows account for.
+/// `paysync mock-server --listen 127.0.0.1:0` prints the address it bound (the
+/// real port, on stdout), a run against that address exports every order, and a
+/// SIGTERM stops the server with exit 0.
+#[tokio::test(flavor = "multi_thread")]
+async fn mock_server_command_serves_a_run_and_stops_on_sigterm() {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
+    let ws = Workspace::new();
+    let mut server = ws
+        .command(&["mock-server", "--listen", "127.0.0.1:0"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(server.stdout.take().unwrap()).lines();
+    let first = tokio::time::timeout(Duration::from_secs(60), lines.next_line())
+        .await
+        .expect("the listening line comes")
+        .unwrap()
+        .expect("a line, not end of output");
+    let addr: std::net::SocketAddr = first
+        .strip_prefix("mock server listening on http://")
+        .unwrap_or_else(|| panic!("unexpected first line {first:?}"))
+        .parse()
+        .expect("a socket address");
+    assert!(addr.ip().is_loopback() && addr.port() != 0, "{addr}");
+
+    ws.write("orders.csv", &orders_csv(&numbered("PAID", 3)));
+    ws.config(&format!("http://{addr}/api/mer"), SECRET, "");
+    let out = ws.run(&["--input", "orders.csv"]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let rows = ws.rows();
+    assert_eq!(rows.len(), 3);
+    assert!(rows.iter().all(|r| r["status"] == "paid"), "{rows:?}");
+
+    sigterm(&server);
+    let mut err = String::new();
+    server
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .await
+        .unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(60), server.wait())
+        .await
+        .expect("the server stops after SIGTERM")
+        .unwrap();
+    assert_eq!(status.code(), Some(0), "{err}");
+    assert_eq!(
+        lines.next_line().await.unwrap(),
+        None,
+        "nothing else on stdout"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn clean_run_writes_every_order_with_manifest() {
     let server = mock(MockOptions::default()).await;

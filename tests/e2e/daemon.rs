@@ -108,14 +108,6 @@ impl Notifications {
     }
 }
 
-fn sigterm(child: &tokio::process::Child) {
-    let pid = child.id().expect("running").to_string();
-    std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap();
-}
-
 /// Stops the daemon with SIGTERM, checks that it exits 0, and returns its stderr.
 async fn stop_daemon(mut daemon: tokio::process::Child) -> String {
     use tokio::io::AsyncReadExt;

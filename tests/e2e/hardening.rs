@@ -844,16 +844,6 @@ const PP_TEST_SECRET: &str = "pp-sEcReT-4b1d7e0c9a2f";
 const GA_TEST_SECRET: &str = "ga-sEcReT-93fa27d1c6e0";
 const WRONG_SECRET: &str = "wrong-sEcReT-5e8c17b2d4";
 
-/// SIGTERM to a child process.
-fn sigterm(child: &tokio::process::Child) {
-    let pid = child.id().expect("running").to_string();
-    let ok = std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap();
-    assert!(ok.success());
-}
-
 /// Every regular file under `dir`, recursively.
 fn files_under(dir: &Path) -> Vec<std::path::PathBuf> {
     let mut all = Vec::new();
