@@ -208,7 +208,7 @@ def write_orders(path, n, marker):
             f.write(f"ORD-{marker}-{i:09d},cust-{i % 9973},{(i * 37) % 100000 / 100:.2f}\n")
 
 
-def write_config(workdir, addr, fetch, settle):
+def write_config(workdir, addr, fetch, settle, fmt="jsonl"):
     def table(d):
         return "".join(f"{k} = {json.dumps(v)}\n" for k, v in d.items())
 
@@ -221,7 +221,7 @@ def write_config(workdir, addr, fetch, settle):
         'api_secret_env = "PAYSYNC_API_SECRET"\n'
         "\n[fetch]\n" + table(fetch) +
         "\n[settle]\n" + table(settle) +
-        '\n[output]\ndir = "out"\nformat = "jsonl"\n'
+        f'\n[output]\ndir = "out"\nformat = "{fmt}"\n'
         '\n[state]\npath = "paysync.db"\n')
     return cfg
 
@@ -233,8 +233,8 @@ def child_env():
     return env
 
 
-def run_paysync(workdir, addr, orders_csv, fetch, settle, timeout, name="paysync"):
-    cfg = write_config(workdir, addr, fetch, settle)
+def run_paysync(workdir, addr, orders_csv, fetch, settle, timeout, name="paysync", fmt="jsonl"):
+    cfg = write_config(workdir, addr, fetch, settle, fmt)
     r = run_measured([str(BIN), "run", "--config", str(cfg), "--input", str(orders_csv),
                       "--no-progress"], workdir, child_env(), timeout, name)
     manifests = sorted((workdir / "out").glob("*.manifest.json"))
@@ -343,7 +343,7 @@ def cost_run(args, tmp, n, concurrency, tag, h2=False):
     ref = reference(wd)
     with Mock(wd) as mock:
         r = run_paysync(wd, mock.addr, orders, fetch, {"wait": "0s"},
-                        timeout=max(300, n / 100))
+                        timeout=max(300, n / 100), fmt=args.format)
         st = mock.stats()
     r.update(n=n, concurrency=concurrency, stats=st, workdir=wd, reference=ref,
              ok=r["rc"] == 0 and r["rows"] == n and st["throttled"] == 0)
@@ -388,13 +388,13 @@ def median_run_rows(table, sc, what, runs):
 def scenario_cost(args, tmp, table):
     """2. Unthrottled cost: a concurrency sweep at N/4, then N at the best concurrency."""
     n, small = args.orders, max(1, args.orders // 4)
-    print(f"\n[2] unthrottled cost: sweep concurrency {args.concurrency} at N/4 = {small}, "
-          f"then N = {n}", flush=True)
+    print(f"\n[2] unthrottled cost ({args.format} output): sweep concurrency "
+          f"{args.concurrency} at N/4 = {small}, then N = {n}", flush=True)
     sweep = [cost_run(args, tmp, small, c, "sweep") for c in args.concurrency]
     good = [r for r in sweep if r["ok"]] or sweep
     best = max(good, key=lambda r: r["orders_per_s"])
     c = best["concurrency"]
-    sc = "2 unthrottled cost"
+    sc = "2 unthrottled cost" + ("" if args.format == "jsonl" else f" ({args.format} output)")
     table.add(sc, f"concurrency sweep at N/4 = {small} (orders/s)",
               ", ".join(f"{r['concurrency']}: {r['orders_per_s']:.0f}" for r in sweep)
               + f" -> best {c}")
@@ -705,7 +705,8 @@ How each figure is measured:
   a shared virtual machine, so the median run is the figure (every run is listed)
   and peak RSS is the largest of the runs; the N/4 run at that concurrency is the
   memory comparison. The 1,000,000-order RSS figure is measured only with
-  --orders 1000000; it is never projected.
+  --orders 1000000; it is never projected. Output is JSONL unless --format names
+  csv or parquet (then the peer, which writes JSONL, is not run).
 - 2b HTTP/2: the same N and concurrency with `fetch.http2_prior_knowledge = true`
   (h2c: the mock speaks HTTP/2 to a client that opens with its preface), each run
   right after an HTTP/1.1 run of 2, so that each pair sees the same machine; the
@@ -752,6 +753,9 @@ def main():
     ap.add_argument("--settle-orders", type=int, default=1000)
     ap.add_argument("--pending-polls", type=int, default=2)
     ap.add_argument("--confirm-polls", type=int, default=1)
+    ap.add_argument("--format", default="jsonl", choices=["jsonl", "csv", "parquet"],
+                    help="output.format of the cost scenario (default jsonl; the peer "
+                         "writes JSONL, so other formats need --only without peer)")
     ap.add_argument("--only", default="quota,cost,settle,peer",
                     help="comma-separated subset of: quota,cost,settle,peer,instr "
                          "(instr, under valgrind, is not in the default set)")
@@ -765,6 +769,9 @@ def main():
     unknown = only - {"quota", "cost", "settle", "peer", "instr"}
     if unknown:
         ap.error(f"unknown scenario(s) in --only: {', '.join(sorted(unknown))}")
+    if args.format != "jsonl" and "peer" in only:
+        ap.error("the peer writes JSONL: compare it only with --format jsonl "
+                 "(with another format, pass --only cost)")
     if not BIN.exists():
         sys.exit(f"{BIN} not found: build it with `cargo build --release` (bench/run does)")
 
