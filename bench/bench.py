@@ -26,6 +26,7 @@ import re
 import select
 import shutil
 import signal
+import ssl
 import statistics
 import subprocess
 import sys
@@ -38,6 +39,11 @@ ROOT = Path(__file__).resolve().parent.parent
 BIN = ROOT / "target" / "release" / "paysync"
 PEER = ROOT / "bench" / "peer.py"
 RESULTS = ROOT / "bench" / "results.md"
+# The test fixtures' localhost certificate (127.0.0.1 and localhost) and its CA.
+FIXTURES = ROOT / "tests" / "e2e" / "fixtures"
+TLS_FLAGS = ("--tls-cert", str(FIXTURES / "localhost-cert.pem"),
+             "--tls-key", str(FIXTURES / "localhost-key.pem"))
+TEST_CA = FIXTURES / "test-ca.pem"
 API_KEY, API_SECRET = "demo-key", "demo-secret"  # the mock's defaults
 
 # Targets of issue 6.
@@ -61,7 +67,8 @@ class Mock:
         self.proc = subprocess.Popen(
             [str(BIN), "mock-server", "--listen", "127.0.0.1:0", *flags],
             stdout=subprocess.PIPE, stderr=self.log, stdin=subprocess.DEVNULL)
-        self.addr = self._wait_for_address(timeout=15.0)
+        self.scheme, self.addr = self._wait_for_address(timeout=15.0)
+        self.url = f"{self.scheme}://{self.addr}"
         # Keep draining stdout so the server can never block on a full pipe.
         threading.Thread(target=self.proc.stdout.read, daemon=True).start()
 
@@ -77,15 +84,19 @@ class Mock:
             if not chunk:
                 break
             buf += chunk
-            m = re.search(rb"mock server listening on http://(\S+)", buf)
+            m = re.search(rb"mock server listening on (https?)://(\S+)", buf)
             if m:
-                return m.group(1).decode()
+                return m.group(1).decode(), m.group(2).decode()
         self.stop()
         raise RuntimeError(f"mock server did not report its address within {timeout}s: {buf!r}")
 
     def stats(self):
         host, port = self.addr.rsplit(":", 1)
-        c = http.client.HTTPConnection(host, int(port), timeout=10)
+        if self.scheme == "https":
+            ctx = ssl.create_default_context(cafile=str(TEST_CA))
+            c = http.client.HTTPSConnection(host, int(port), timeout=10, context=ctx)
+        else:
+            c = http.client.HTTPConnection(host, int(port), timeout=10)
         try:
             c.request("GET", "/__mock/stats")
             r = c.getresponse()
@@ -208,7 +219,7 @@ def write_orders(path, n, marker):
             f.write(f"ORD-{marker}-{i:09d},cust-{i % 9973},{(i * 37) % 100000 / 100:.2f}\n")
 
 
-def write_config(workdir, addr, fetch, settle, fmt="jsonl"):
+def write_config(workdir, url, fetch, settle, fmt="jsonl"):
     def table(d):
         return "".join(f"{k} = {json.dumps(v)}\n" for k, v in d.items())
 
@@ -216,7 +227,7 @@ def write_config(workdir, addr, fetch, settle, fmt="jsonl"):
     cfg.write_text(
         "[provider]\n"
         'kind = "payprotocol"\n'
-        f'base_url = "http://{addr}/api/mer"\n'
+        f'base_url = "{url}/api/mer"\n'
         f'api_key = "{API_KEY}"\n'
         'api_secret_env = "PAYSYNC_API_SECRET"\n'
         "\n[fetch]\n" + table(fetch) +
@@ -233,8 +244,8 @@ def child_env():
     return env
 
 
-def run_paysync(workdir, addr, orders_csv, fetch, settle, timeout, name="paysync", fmt="jsonl"):
-    cfg = write_config(workdir, addr, fetch, settle, fmt)
+def run_paysync(workdir, url, orders_csv, fetch, settle, timeout, name="paysync", fmt="jsonl"):
+    cfg = write_config(workdir, url, fetch, settle, fmt)
     r = run_measured([str(BIN), "run", "--config", str(cfg), "--input", str(orders_csv),
                       "--no-progress"], workdir, child_env(), timeout, name)
     manifests = sorted((workdir / "out").glob("*.manifest.json"))
@@ -303,7 +314,7 @@ def scenario_quota(args, tmp, table):
         orders = wd / "orders.csv"
         write_orders(orders, n, "PAID")
         with Mock(wd, *flags) as mock:
-            r = run_paysync(wd, mock.addr, orders, fetch, settle, timeout=60 + 3 * n / rate)
+            r = run_paysync(wd, mock.url, orders, fetch, settle, timeout=60 + 3 * n / rate)
             st = mock.stats()
         sc = f"1 quota ({label})"
         ok_run = r["rc"] == 0 and r["rows"] == n
@@ -332,7 +343,7 @@ def scenario_quota(args, tmp, table):
             table.add(sc, "429s caused by paysync", st["throttled"], "0", st["throttled"] == 0)
 
 
-def cost_run(args, tmp, n, concurrency, tag, h2=False):
+def cost_run(args, tmp, n, concurrency, tag, h2=False, tls=False):
     wd = tmp / f"cost-{tag}-{n}-c{concurrency}"
     wd.mkdir()
     orders = wd / "orders.csv"
@@ -340,16 +351,19 @@ def cost_run(args, tmp, n, concurrency, tag, h2=False):
     fetch = {"rate_limit": 1_000_000.0, "burst": 1000, "concurrency": concurrency}
     if h2:
         fetch["http2_prior_knowledge"] = True
+    if tls:
+        fetch["ca_file"] = str(TEST_CA)
     ref = reference(wd)
-    with Mock(wd) as mock:
-        r = run_paysync(wd, mock.addr, orders, fetch, {"wait": "0s"},
+    with Mock(wd, *(TLS_FLAGS if tls else ())) as mock:
+        r = run_paysync(wd, mock.url, orders, fetch, {"wait": "0s"},
                         timeout=max(300, n / 100), fmt=args.format)
         st = mock.stats()
     r.update(n=n, concurrency=concurrency, stats=st, workdir=wd, reference=ref,
              ok=r["rc"] == 0 and r["rows"] == n and st["throttled"] == 0)
     r["orders_per_s"] = n / r["wall"]
     r["cpu_per_1000"] = 1000 * r["cpu"] / n
-    print(f"    N={n} concurrency={concurrency}{' h2c' if h2 else ''}: exit {r['rc']}, "
+    print(f"    N={n} concurrency={concurrency}{' h2c' if h2 else ''}{' https' if tls else ''}: "
+          f"exit {r['rc']}, "
           f"rows {r['rows']}, "
           f"{r['orders_per_s']:.0f} orders/s, CPU {r['cpu']:.2f} s "
           f"({r['user']:.2f} user + {r['sys']:.2f} sys), {r['cpu_per_1000'] * 1000:.1f} us/order, "
@@ -401,11 +415,13 @@ def scenario_cost(args, tmp, table):
     # CPU time on a shared or virtual machine moves between identical runs (other
     # tenants, frequency): N is run --repeat times; the median run is the figure.
     # The HTTP/2 runs alternate with them, so that both see the same machine.
-    runs, h2_runs = [], []
+    runs, h2_runs, tls_runs = [], [], []
     for i in range(args.repeat):
         runs.append(cost_run(args, tmp, n, c, f"full{i}"))
         if args.h2:
             h2_runs.append(cost_run(args, tmp, n, c, f"h2c{i}", h2=True))
+        if args.tls:
+            tls_runs.append(cost_run(args, tmp, n, c, f"https{i}", tls=True))
     full = median_run_rows(table, sc, f"N = {n}, concurrency {c}", runs)
     rss = max(r["maxrss_kib"] for r in runs) / 1024
     rss_small = best["maxrss_kib"] / 1024
@@ -427,6 +443,8 @@ def scenario_cost(args, tmp, table):
                   "bench/run --orders 1000000 --only cost --concurrency 64 --repeat 1")
     if h2_runs:
         full["h2"] = cost_h2(table, n, c, runs, h2_runs)
+    if tls_runs:
+        full["tls"] = cost_https(table, n, c, runs, tls_runs)
     return full
 
 
@@ -445,6 +463,25 @@ def cost_h2(table, n, c, runs, h2_runs):
     return full
 
 
+def cost_https(table, n, c, runs, tls_runs):
+    """2c. The same N over https with the default fetch settings (only the test CA
+    trusted): the client offers h2 and http/1.1 through ALPN, as it does to a real
+    provider, and the mock chooses h2."""
+    sc = "2c unthrottled cost, https (default settings)"
+    full = median_run_rows(table, sc, f"N = {n}, concurrency {c}, TLS, ALPN", tls_runs)
+    ratios = [t["cpu"] / r["cpu"] for r, t in zip(runs, tls_runs) if r["cpu"]]
+    table.add(sc, "CPU of each https run / the HTTP/1.1 run just before it",
+              ", ".join(f"{x:.2f}" for x in ratios)
+              + f" (median {statistics.median(ratios):.2f})")
+    h2 = sum(t["stats"].get("http2_requests", 0) for t in tls_runs)
+    total = sum(t["stats"]["total_requests"] for t in tls_runs)
+    table.add(sc, "requests the mock received over HTTP/2 (chosen through ALPN)",
+              f"{h2} of {total}")
+    table.add(sc, f"peak RSS at N = {n}",
+              f"{max(r['maxrss_kib'] for r in tls_runs) / 1024:.1f} MiB")
+    return full
+
+
 def scenario_settle(args, tmp, table):
     """3. Settlement polling: PENDING orders, P pending polls then C confirming polls."""
     n, p, c = args.settle_orders, args.pending_polls, args.confirm_polls
@@ -459,7 +496,7 @@ def scenario_settle(args, tmp, table):
     settle = {"poll_interval": "200ms", "confirming_interval": "200ms",
               "backoff_factor": 1.0, "wait": "60s"}
     with Mock(wd, "--pending-polls", str(p), "--confirm-polls", str(c)) as mock:
-        r = run_paysync(wd, mock.addr, orders, fetch, settle, timeout=180)
+        r = run_paysync(wd, mock.url, orders, fetch, settle, timeout=180)
         st = mock.stats()
     rows = read_rows(r["data_file"]) if r["data_file"] else []
     by_order = {}
@@ -495,6 +532,8 @@ def scenario_settle(args, tmp, table):
 # The peer's three HTTP clients (bench/peer.py --client), as table scenarios: the
 # hand-written keep-alive client first (the strictest comparison), then the
 # standard library's two HTTP clients.
+# 4d: the streams peer against the mock serving https, compared with paysync's 2c.
+PEER_TLS = ("streams", "4d Python peer over https (asyncio streams + ssl, keep-alive)")
 PEERS = [("streams", "4 Python peer (asyncio streams, keep-alive)"),
          ("httpclient", "4b Python peer (asyncio + http.client keep-alive in threads)"),
          ("urllib", "4c Python peer (asyncio + urllib.request in threads)")]
@@ -559,7 +598,7 @@ def scenario_instructions(args, tmp, table):
             write_orders(orders, n, "PAID")
             with Mock(wd) as mock:
                 if prog == "paysync":
-                    cfg = write_config(wd, mock.addr,
+                    cfg = write_config(wd, mock.url,
                                        {"rate_limit": 1e6, "burst": 1000,
                                         "concurrency": INSTR_CONCURRENCY}, {"wait": "0s"})
                     argv = [BIN, "run", "--config", cfg, "--input", orders, "--no-progress"]
@@ -604,21 +643,29 @@ def scenario_peer(args, tmp, table, paysync_full):
     """4. bench/peer.py (each client) on the same orders, against a fresh mock server."""
     for client, sc in PEERS:
         peer_run(args, tmp, table, paysync_full, client, sc)
+    if args.tls:
+        client, sc = PEER_TLS
+        tls_full = paysync_full.get("tls") if paysync_full else None
+        peer_run(args, tmp, table, tls_full, client, sc, tls=True)
 
 
-def peer_run(args, tmp, table, paysync_full, client, sc):
+def peer_run(args, tmp, table, paysync_full, client, sc, tls=False):
+    """One peer run; `paysync_full` is the paysync run it is compared with (2, or
+    2c for a peer over https)."""
     n = args.orders
     c = paysync_full["concurrency"] if paysync_full else 64
-    print(f"\n[4] Python peer, {client} client: {n} orders, concurrency {c}", flush=True)
-    wd = tmp / f"peer-{client}"
+    print(f"\n[4] Python peer, {client} client{' over https' if tls else ''}: {n} orders, "
+          f"concurrency {c}", flush=True)
+    wd = tmp / f"peer-{client}{'-https' if tls else ''}"
     wd.mkdir()
     orders = wd / "orders.csv"
     write_orders(orders, n, "PAID")
     reference(wd)
-    with Mock(wd) as mock:
-        r = run_measured([sys.executable, str(PEER), "--base-url", f"http://{mock.addr}/api/mer",
+    with Mock(wd, *(TLS_FLAGS if tls else ())) as mock:
+        r = run_measured([sys.executable, str(PEER), "--base-url", f"{mock.url}/api/mer",
                           "--input", str(orders), "--output", str(wd / "peer.jsonl"),
-                          "--concurrency", str(c), "--api-key", API_KEY, "--client", client],
+                          "--concurrency", str(c), "--api-key", API_KEY, "--client", client,
+                          *(("--cafile", str(TEST_CA)) if tls else ())],
                          wd, child_env(), max(600, n / 20), "peer")
         st = mock.stats()
     with open(wd / "peer.jsonl") as f:
@@ -632,7 +679,8 @@ def peer_run(args, tmp, table, paysync_full, client, sc):
               f"({r['user']:.2f} user + {r['sys']:.2f} sys), peak RSS {r['maxrss_kib'] / 1024:.1f} MiB")
     if paysync_full:
         ratio = r["cpu"] / paysync_full["cpu"] if paysync_full["cpu"] else float("nan")
-        table.add(sc, "peer CPU / paysync CPU per order", f"{ratio:.2f}x",
+        against = " (2c: paysync over https, HTTP/2 through ALPN)" if tls else ""
+        table.add(sc, f"peer CPU / paysync CPU per order{against}", f"{ratio:.2f}x",
                   f">= {PEER_RATIO_MIN:g}x", ratio >= PEER_RATIO_MIN)
         h2 = paysync_full.get("h2")
         if h2 and h2["cpu"]:
@@ -713,6 +761,13 @@ How each figure is measured:
   ratio of each pair is listed. Requests in flight share one connection, so the
   kernel work per order falls. The peer has no HTTP/2 (the standard library does
   not speak it), so 2 is the like-for-like comparison with it.
+- 2c https: the same N and concurrency against the mock serving https
+  (`paysync mock-server --tls-cert/--tls-key`, the test fixtures' localhost
+  certificate), with paysync's default fetch settings plus `fetch.ca_file` for the
+  test CA: what a run against a real provider does. The client offers h2 and
+  http/1.1 through ALPN and the mock picks h2 (the mock's count of HTTP/2 requests
+  is listed), so TLS costs come on top of HTTP/2's lower kernel work. Each run
+  follows the 2 and 2b runs of the same round.
 - 3 settlement: `PENDING` orders (mock: P polls pending, C polls confirming, then
   paid), poll_interval = confirming_interval = 200ms, backoff_factor 1.0, wait 60s.
   Polls per order = the mock's detail requests / orders; ideal = P + C + 1.
@@ -728,6 +783,11 @@ How each figure is measured:
   standard library's client, used carefully); 4c = urllib.request in asyncio's
   default thread pool, a connection per request (what the standard library offers
   out of the box). The 10x target is checked against each.
+- 4d peer over https (with 2c, unless --no-tls): the streams peer against the mock
+  serving https, trusting the test CA (the ssl module; HTTP/1.1, since the standard
+  library has no HTTP/2), compared with paysync's 2c median run: both speak to the
+  same kind of server with their defaults, so paysync's ALPN choice of h2 is part
+  of what is compared.
 - 5 instructions (only with --only instr; needs valgrind): paysync and each peer
   run under `valgrind --tool=callgrind` on 500 and on 3,000 PAID orders at
   concurrency 32, each against a fresh mock. (count at 3,000 - count at 500) / 2,500
@@ -749,6 +809,8 @@ def main():
                     help="runs of N in the cost scenario; the median is reported (default 5)")
     ap.add_argument("--no-h2", dest="h2", action="store_false",
                     help="skip the cost scenario's HTTP/2 (h2c) runs (2b)")
+    ap.add_argument("--no-tls", dest="tls", action="store_false",
+                    help="skip the cost scenario's https runs (2c)")
     ap.add_argument("--quota-orders", type=int, default=400)
     ap.add_argument("--settle-orders", type=int, default=1000)
     ap.add_argument("--pending-polls", type=int, default=2)

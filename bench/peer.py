@@ -22,8 +22,10 @@ GET /conf/list/currency (fetched once).
 Usage:
   peer.py --base-url http://127.0.0.1:PORT/api/mer --input orders.csv --output out.jsonl
           [--column order_no] [--concurrency 64] [--api-key demo-key]
-          [--client streams|urllib|httpclient]
-The secret comes from $PAYSYNC_API_SECRET (default "demo-secret").
+          [--client streams|urllib|httpclient] [--cafile CA.pem]
+The secret comes from $PAYSYNC_API_SECRET (default "demo-secret"). An https base URL
+is spoken over TLS (the ssl module, HTTP/1.1: the standard library has no HTTP/2),
+trusting --cafile as well as the system's roots.
 """
 
 import argparse
@@ -37,6 +39,7 @@ import hmac
 import http.client
 import json
 import os
+import ssl
 import sys
 import threading
 import time
@@ -52,13 +55,14 @@ MAX_ATTEMPTS = 3  # per order: a bounded retry on connection errors, 429 and 5xx
 class Conn:
     """One keep-alive HTTP/1.1 connection."""
 
-    def __init__(self, host, port):
-        self.host, self.port = host, port
+    def __init__(self, host, port, tls):
+        self.host, self.port, self.tls = host, port, tls
         self.reader = self.writer = None
 
     async def request(self, target, headers):
         if self.writer is None:
-            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+            self.reader, self.writer = await asyncio.open_connection(
+                self.host, self.port, ssl=self.tls)
         lines = [f"GET {target} HTTP/1.1", f"Host: {self.host}:{self.port}"]
         lines += [f"{k}: {v}" for k, v in headers.items()]
         self.writer.write(("\r\n".join(lines) + "\r\n\r\n").encode())
@@ -98,13 +102,20 @@ class Conn:
 class Client:
     """Signed GETs with a bounded retry, over asyncio streams (keep-alive)."""
 
-    def __init__(self, base_url, api_key, secret, concurrency):
+    def __init__(self, base_url, api_key, secret, concurrency, cafile=None):
         u = urllib.parse.urlsplit(base_url)
-        self.host, self.port, self.prefix = u.hostname, u.port or 80, u.path.rstrip("/")
+        self.scheme = u.scheme
+        default_port = 443 if u.scheme == "https" else 80
+        self.host, self.port, self.prefix = u.hostname, u.port or default_port, u.path.rstrip("/")
+        self.tls = None
+        if u.scheme == "https":
+            self.tls = ssl.create_default_context()
+            if cafile:
+                self.tls.load_verify_locations(cafile)
         self.api_key, self.secret = api_key, secret.encode()
         self.pool = asyncio.Queue()
         for _ in range(concurrency):
-            self.pool.put_nowait(Conn(self.host, self.port))
+            self.pool.put_nowait(Conn(self.host, self.port, self.tls))
 
     async def request(self, target):
         conn = await self.pool.get()
@@ -139,14 +150,14 @@ class Client:
 class UrllibClient(Client):
     """The same client over urllib.request in asyncio's thread pool."""
 
-    def __init__(self, base_url, api_key, secret, concurrency):
-        super().__init__(base_url, api_key, secret, 0)
-        self.origin = f"http://{self.host}:{self.port}"
+    def __init__(self, base_url, api_key, secret, concurrency, cafile=None):
+        super().__init__(base_url, api_key, secret, 0, cafile)
+        self.origin = f"{self.scheme}://{self.host}:{self.port}"
 
     def fetch(self, target):
         req = urllib.request.Request(self.origin + target, headers=self.signed_headers(target))
         try:
-            with urllib.request.urlopen(req, timeout=30) as resp:
+            with urllib.request.urlopen(req, timeout=30, context=self.tls) as resp:
                 return resp.status, resp.read()
         except urllib.error.HTTPError as e:
             return e.code, e.read()
@@ -158,15 +169,20 @@ class UrllibClient(Client):
 class HttpClientClient(Client):
     """The same client over http.client, one keep-alive connection per pool thread."""
 
-    def __init__(self, base_url, api_key, secret, concurrency):
-        super().__init__(base_url, api_key, secret, 0)
+    def __init__(self, base_url, api_key, secret, concurrency, cafile=None):
+        super().__init__(base_url, api_key, secret, 0, cafile)
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, concurrency))
         self.local = threading.local()
 
     def fetch(self, target):
         conn = getattr(self.local, "conn", None)
         if conn is None:
-            conn = self.local.conn = http.client.HTTPConnection(self.host, self.port, timeout=30)
+            if self.tls is not None:
+                conn = http.client.HTTPSConnection(self.host, self.port, timeout=30,
+                                                   context=self.tls)
+            else:
+                conn = http.client.HTTPConnection(self.host, self.port, timeout=30)
+            self.local.conn = conn
         try:
             conn.request("GET", target, headers=self.signed_headers(target))
             resp = conn.getresponse()
@@ -195,10 +211,12 @@ async def main():
     ap.add_argument("--concurrency", type=int, default=64)
     ap.add_argument("--api-key", default="demo-key")
     ap.add_argument("--client", choices=["streams", "urllib", "httpclient"], default="streams")
+    ap.add_argument("--cafile", help="a PEM CA to trust for an https base URL")
     args = ap.parse_args()
     kind = {"streams": Client, "urllib": UrllibClient, "httpclient": HttpClientClient}[args.client]
     client = kind(args.base_url, args.api_key,
-                    os.environ.get("PAYSYNC_API_SECRET", "demo-secret"), args.concurrency)
+                  os.environ.get("PAYSYNC_API_SECRET", "demo-secret"), args.concurrency,
+                  args.cafile)
 
     decimals = {}
     status, body = await client.get("/conf/list/currency", None)

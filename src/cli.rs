@@ -37,7 +37,7 @@ pub enum Command {
     /// Orders by status, the oldest unsettled order, the last runs.
     Status(StatusArgs),
     /// Serve the bundled mock provider(s) on a loopback address.
-    MockServer(MockArgs),
+    MockServer(Box<MockArgs>),
     /// Start the mock server, write sample orders and run a real backfill against it.
     Demo(DemoArgs),
     /// Print the output schema (column names, types, descriptions) for a loader.

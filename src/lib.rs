@@ -42,4 +42,5 @@ pub mod provider;
 pub mod schema;
 pub mod state;
 pub mod telemetry;
+pub mod tls_server;
 pub mod tracker;

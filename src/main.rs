@@ -164,8 +164,16 @@ async fn dispatch(command: Command) -> u8 {
         },
         Command::MockServer(args) => {
             let opts = args.options();
-            let listening = |addr| out!("mock server listening on http://{addr}");
-            match mock::serve_until(args.listen, opts, listening, shutdown_signal()).await {
+            let tls = match args.tls() {
+                Ok(tls) => tls,
+                Err(e) => {
+                    eprintln!("paysync: error: {e}");
+                    return 2;
+                }
+            };
+            let scheme = if tls.is_some() { "https" } else { "http" };
+            let listening = |addr| out!("mock server listening on {scheme}://{addr}");
+            match mock::serve_until(args.listen, opts, tls, listening, shutdown_signal()).await {
                 Ok(()) => 0,
                 Err(e) => {
                     report_error(

@@ -5,26 +5,21 @@
 //! handful of lines, written directly. With a bearer token configured
 //! (`metrics.bearer_token_*`), a scrape without `Authorization: Bearer <token>` is
 //! answered 401. With a certificate and key (`metrics.tls_*_file`) it is served
-//! over https only ([`server_tls`], [`TlsListener`]).
+//! over https only ([`crate::tls_server`]).
 
 use std::fmt::Write as _;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::Router;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use secrecy::{ExposeSecret, SecretString};
 use sha2::{Digest, Sha256};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::task::JoinSet;
-use tokio_rustls::TlsAcceptor;
-use tokio_rustls::server::TlsStream;
+use tokio::net::TcpListener;
 
 use crate::fetch::Stats;
 use crate::state::{StateStore, StatusReport};
@@ -178,93 +173,6 @@ async fn scrape(State(endpoint): State<Endpoint>, headers: HeaderMap) -> Respons
     }
 }
 
-/// The TLS setup of an https endpoint serving `chain` (its own certificate first)
-/// with `key`: TLS 1.2 and 1.3 (rustls, ring), HTTP/2 or http/1.1 through ALPN.
-/// Fails when the key does not belong to the certificate.
-pub fn server_tls(
-    chain: Vec<CertificateDer<'static>>,
-    key: PrivateKeyDer<'static>,
-) -> Result<rustls::ServerConfig, rustls::Error> {
-    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()?
-    .with_no_client_auth()
-    .with_single_cert(chain, key)?;
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(config)
-}
-
-/// Time a client gets to finish its TLS handshake.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Handshakes in progress at most; further connections wait in the backlog.
-const MAX_HANDSHAKES: usize = 64;
-
-/// A TCP listener whose connections are served only after a TLS handshake. The
-/// handshakes run side by side, each with a deadline, so a client that connects
-/// and then says nothing holds up no one.
-pub struct TlsListener {
-    tcp: TcpListener,
-    acceptor: TlsAcceptor,
-    handshakes: JoinSet<Option<(TlsStream<TcpStream>, SocketAddr)>>,
-}
-
-impl TlsListener {
-    pub fn new(tcp: TcpListener, config: Arc<rustls::ServerConfig>) -> Self {
-        Self {
-            tcp,
-            acceptor: TlsAcceptor::from(config),
-            handshakes: JoinSet::new(),
-        }
-    }
-}
-
-impl axum::serve::Listener for TlsListener {
-    type Io = TlsStream<TcpStream>;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        loop {
-            tokio::select! {
-                accepted = self.tcp.accept(), if self.handshakes.len() < MAX_HANDSHAKES => {
-                    match accepted {
-                        Ok((tcp, addr)) => {
-                            let acceptor = self.acceptor.clone();
-                            self.handshakes.spawn(async move {
-                                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                                    Ok(Ok(tls)) => Some((tls, addr)),
-                                    Ok(Err(e)) => {
-                                        tracing::debug!(%addr, error = %e, "metrics: TLS handshake failed");
-                                        None
-                                    }
-                                    Err(_) => {
-                                        tracing::debug!(%addr, "metrics: TLS handshake timed out");
-                                        None
-                                    }
-                                }
-                            });
-                        }
-                        // Out of file descriptors and the like: wait, as axum does.
-                        Err(e) => {
-                            tracing::warn!(error = %e, "metrics: accept failed");
-                            tokio::time::sleep(Duration::from_secs(1)).await;
-                        }
-                    }
-                }
-                Some(done) = self.handshakes.join_next() => {
-                    if let Ok(Some(conn)) = done {
-                        return conn;
-                    }
-                }
-            }
-        }
-    }
-
-    fn local_addr(&self) -> std::io::Result<Self::Addr> {
-        self.tcp.local_addr()
-    }
-}
-
 /// Serves `/metrics` on `addr` until `shutdown` resolves; with `token`, only to
 /// scrapers that send it as a bearer token; with `tls`, over https only.
 pub async fn serve(
@@ -288,7 +196,7 @@ pub async fn serve(
                 .await
         }
         Some(config) => {
-            axum::serve(TlsListener::new(listener, config), app)
+            axum::serve(crate::tls_server::TlsListener::new(listener, config), app)
                 .with_graceful_shutdown(shutdown)
                 .await
         }

@@ -281,8 +281,7 @@ impl MetricsSettings {
         &self,
         config: &Path,
     ) -> Result<Option<Arc<rustls::ServerConfig>>, ConfigError> {
-        use rustls::pki_types::pem::PemObject;
-        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        use crate::tls_server::PemError;
         let Some(tls) = &self.tls else {
             return Ok(None);
         };
@@ -295,26 +294,18 @@ impl MetricsSettings {
         let shown = tls.cert.display();
         let pem = std::fs::read(&tls.cert)
             .map_err(|e| invalid(cert_key, format!("cannot read {shown}: {e}")))?;
-        let chain = CertificateDer::pem_slice_iter(&pem)
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| invalid(cert_key, format!("{shown} is not a PEM file ({e})")))?;
-        if chain.is_empty() {
-            return Err(invalid(
-                cert_key,
-                format!("{shown} holds no PEM certificate (-----BEGIN CERTIFICATE-----)"),
-            ));
-        }
         let secret = tls.key.resolve(config, key_key)?;
-        // The parser's error names the PEM section, never the key's bytes.
-        let key = PrivateKeyDer::from_pem_slice(secret.expose_secret().as_bytes())
-            .map_err(|e| invalid(key_key, format!("holds no usable PEM private key ({e})")))?;
-        crate::metrics::server_tls(chain, key)
+        crate::tls_server::from_pem(&pem, secret.expose_secret().as_bytes())
             .map(|c| Some(Arc::new(c)))
-            .map_err(|e| {
-                invalid(
+            .map_err(|e| match e {
+                PemError::Certificate(_) | PemError::NoCertificate => {
+                    invalid(cert_key, format!("{shown} {e}"))
+                }
+                PemError::Key(_) => invalid(key_key, e.to_string()),
+                PemError::Mismatch(m) => invalid(
                     key_key,
-                    format!("cannot be used with the certificate in {shown}: {e}"),
-                )
+                    format!("cannot be used with the certificate in {shown}: {m}"),
+                ),
             })
     }
 }

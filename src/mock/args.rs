@@ -1,6 +1,8 @@
 //! The `paysync mock-server` flags ([`MockArgs`]), turned into [`MockOptions`].
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use super::{
@@ -9,12 +11,22 @@ use super::{
     DEFAULT_PENDING_POLLS, DEFAULT_USERPOOL_ID, FaultKind, MockOptions, RetryAfterMode,
 };
 
-/// Flags of `paysync mock-server`; every [`MockOptions`] field has one.
+/// Flags of `paysync mock-server`: the listener (`--listen`, `--tls-*`), and one
+/// for every [`MockOptions`] field.
 #[derive(Debug, Clone, clap::Args)]
 pub struct MockArgs {
     /// Address to listen on (port 0: any free port; the line printed at start says which).
     #[arg(long, default_value = DEFAULT_LISTEN)]
     pub listen: SocketAddr,
+
+    /// Serve https with this PEM certificate chain (its own certificate first),
+    /// offering HTTP/2 and http/1.1 through ALPN. Needs --tls-key.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// The PEM private key of --tls-cert.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
 
     /// PayProtocol API key the server accepts.
     #[arg(long, default_value = DEFAULT_API_KEY)]
@@ -82,6 +94,32 @@ pub struct MockArgs {
 }
 
 impl MockArgs {
+    /// The https setup of `--tls-cert` and `--tls-key`, or `None` for plain http.
+    /// Errors name the flag and its file.
+    pub fn tls(&self) -> Result<Option<Arc<rustls::ServerConfig>>, String> {
+        let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) else {
+            return Ok(None);
+        };
+        let read = |flag: &str, path: &PathBuf| {
+            std::fs::read(path)
+                .map_err(|e| format!("{flag} {}: cannot read it: {e}", path.display()))
+        };
+        let (cert_pem, key_pem) = (read("--tls-cert", cert)?, read("--tls-key", key)?);
+        crate::tls_server::from_pem(&cert_pem, &key_pem)
+            .map(|c| Some(Arc::new(c)))
+            .map_err(|e| {
+                use crate::tls_server::PemError;
+                match e {
+                    PemError::Certificate(_) | PemError::NoCertificate => {
+                        format!("--tls-cert {}: {e}", cert.display())
+                    }
+                    PemError::Key(_) | PemError::Mismatch(_) => {
+                        format!("--tls-key {}: {e}", key.display())
+                    }
+                }
+            })
+    }
+
     /// The options these flags describe.
     pub fn options(&self) -> MockOptions {
         MockOptions {

@@ -27,6 +27,7 @@ pub struct Counters {
     pub(crate) faults_injected: AtomicU64,
     pub(crate) answered: AtomicU64,
     pub(crate) total_requests: AtomicU64,
+    pub(crate) http2_requests: AtomicU64,
     pub(crate) window: Window,
     pub(crate) orders: Orders,
 }
@@ -52,6 +53,9 @@ pub struct CountersSnapshot {
     pub answered: u64,
     /// Every request to a provider endpoint (not `/__mock/stats`).
     pub total_requests: u64,
+    /// Of those, the ones that came over HTTP/2 (h2c, or h2 chosen through ALPN).
+    #[serde(default)]
+    pub http2_requests: u64,
     /// Most requests that arrived within any one-second sliding window.
     pub max_requests_in_any_1s_window: u64,
 }
@@ -68,6 +72,7 @@ impl Default for Counters {
             faults_injected: AtomicU64::new(0),
             answered: AtomicU64::new(0),
             total_requests: AtomicU64::new(0),
+            http2_requests: AtomicU64::new(0),
             window: Window::new(WINDOW_CAP),
             orders: Orders::new(),
         }
@@ -95,6 +100,7 @@ impl Counters {
             faults_injected: g(&self.faults_injected),
             answered: g(&self.answered),
             total_requests: g(&self.total_requests),
+            http2_requests: g(&self.http2_requests),
             max_requests_in_any_1s_window: self.window.max(),
         }
     }

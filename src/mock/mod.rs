@@ -384,16 +384,24 @@ impl Drop for MockServer {
     }
 }
 
-/// Runs the mock server on `listen` until `shutdown` completes. `on_bound`
-/// gets the bound address (the real port when `listen` asks for port 0) before
-/// the first request can be answered; `paysync mock-server` prints it.
+/// Runs the mock server on `listen` until `shutdown` completes: over https with
+/// `tls` (see [`crate::tls_server`]), else plain http. `on_bound` gets the bound
+/// address (the real port when `listen` asks for port 0) before the first
+/// request can be answered; `paysync mock-server` prints it.
 pub async fn serve_until(
     listen: SocketAddr,
     opts: MockOptions,
+    tls: Option<Arc<rustls::ServerConfig>>,
     on_bound: impl FnOnce(SocketAddr),
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
-    let server = MockServer::start(listen, opts).await?;
+    let server = match tls {
+        Some(config) => {
+            let tcp = tokio::net::TcpListener::bind(listen).await?;
+            MockServer::start_on(crate::tls_server::TlsListener::new(tcp, config), opts)?
+        }
+        None => MockServer::start(listen, opts).await?,
+    };
     on_bound(server.addr());
     shutdown.await;
     server.shutdown().await;
@@ -408,7 +416,23 @@ fn router(shared: Arc<Shared>) -> Router {
         .route("/api/v3/get-order-pay-detail", get(genauth::detail))
         .route("/__mock/stats", get(stats))
         .fallback(unknown_endpoint)
+        .layer(axum::middleware::from_fn_with_state(
+            shared.clone(),
+            count_http2,
+        ))
         .with_state(shared)
+}
+
+/// Counts the provider requests that came over HTTP/2 (`/__mock/stats` aside).
+async fn count_http2(
+    State(s): State<Arc<Shared>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if req.version() == axum::http::Version::HTTP_2 && req.uri().path() != "/__mock/stats" {
+        counters::bump(&s.counters.http2_requests);
+    }
+    next.run(req).await
 }
 
 async fn stats(State(s): State<Arc<Shared>>) -> Response {

@@ -783,6 +783,7 @@ async fn serve_until_returns_on_shutdown() {
     let server = tokio::spawn(serve_until(
         listen,
         MockOptions::default(),
+        None,
         move |addr| {
             let _ = bound_tx.send(addr);
         },

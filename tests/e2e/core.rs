@@ -53,59 +53,132 @@ async fn output_into_a_closed_pipe_is_not_a_crash() {
 /// A clean run: every order ends in its expected final row, amounts are exact,
 /// input columns pass through, the manifest matches the file, and the server saw
 /// exactly the requests the rows account for.
-/// `paysync mock-server --listen 127.0.0.1:0` prints the address it bound (the
-/// real port, on stdout), a run against that address exports every order, and a
-/// SIGTERM stops the server with exit 0.
-#[tokio::test(flavor = "multi_thread")]
-async fn mock_server_command_serves_a_run_and_stops_on_sigterm() {
-    use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
-    let ws = Workspace::new();
+/// Starts `paysync mock-server --listen 127.0.0.1:0` plus `args` in `ws` and
+/// returns it with the URL its first line gives (`scheme://ADDR`).
+async fn spawn_mock_server(
+    ws: &Workspace,
+    args: &[&str],
+) -> (
+    tokio::process::Child,
+    tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+    String,
+) {
+    use tokio::io::AsyncBufReadExt;
     let mut server = ws
-        .command(&["mock-server", "--listen", "127.0.0.1:0"])
+        .command(&[&["mock-server", "--listen", "127.0.0.1:0"], args].concat())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let mut lines = BufReader::new(server.stdout.take().unwrap()).lines();
+    let mut lines = tokio::io::BufReader::new(server.stdout.take().unwrap()).lines();
     let first = tokio::time::timeout(Duration::from_secs(60), lines.next_line())
         .await
         .expect("the listening line comes")
         .unwrap()
         .expect("a line, not end of output");
-    let addr: std::net::SocketAddr = first
-        .strip_prefix("mock server listening on http://")
+    let url = first
+        .strip_prefix("mock server listening on ")
         .unwrap_or_else(|| panic!("unexpected first line {first:?}"))
-        .parse()
-        .expect("a socket address");
-    assert!(addr.ip().is_loopback() && addr.port() != 0, "{addr}");
+        .to_owned();
+    (server, lines, url)
+}
 
-    ws.write("orders.csv", &orders_csv(&numbered("PAID", 3)));
-    ws.config(&format!("http://{addr}/api/mer"), SECRET, "");
-    let out = ws.run(&["--input", "orders.csv"]).await;
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-    let rows = ws.rows();
-    assert_eq!(rows.len(), 3);
-    assert!(rows.iter().all(|r| r["status"] == "paid"), "{rows:?}");
+/// `paysync mock-server --listen 127.0.0.1:0` prints the address it bound (the
+/// real port, on stdout), a run against that address exports every order, and a
+/// SIGTERM stops the server with exit 0. With `--tls-cert`/`--tls-key` it serves
+/// https, and a run that trusts the certificate's CA (`fetch.ca_file`) exports
+/// every order the same way.
+#[tokio::test(flavor = "multi_thread")]
+async fn mock_server_command_serves_a_run_and_stops_on_sigterm() {
+    use tokio::io::AsyncReadExt;
+    for tls in [false, true] {
+        let ws = Workspace::new();
+        ws.write("cert.pem", include_str!("fixtures/localhost-cert.pem"));
+        ws.write("key.pem", include_str!("fixtures/localhost-key.pem"));
+        ws.write("ca.pem", include_str!("fixtures/test-ca.pem"));
+        let flags: &[&str] = if tls {
+            &["--tls-cert", "cert.pem", "--tls-key", "key.pem"]
+        } else {
+            &[]
+        };
+        let (mut server, mut lines, url) = spawn_mock_server(&ws, flags).await;
+        let scheme = if tls { "https://" } else { "http://" };
+        let addr: std::net::SocketAddr = url
+            .strip_prefix(scheme)
+            .unwrap_or_else(|| panic!("{url} does not start with {scheme}"))
+            .parse()
+            .expect("a socket address");
+        assert!(addr.ip().is_loopback() && addr.port() != 0, "{addr}");
 
-    sigterm(&server);
-    let mut err = String::new();
-    server
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut err)
-        .await
-        .unwrap();
-    let status = tokio::time::timeout(Duration::from_secs(60), server.wait())
-        .await
-        .expect("the server stops after SIGTERM")
-        .unwrap();
-    assert_eq!(status.code(), Some(0), "{err}");
-    assert_eq!(
-        lines.next_line().await.unwrap(),
-        None,
-        "nothing else on stdout"
-    );
+        ws.write("orders.csv", &orders_csv(&numbered("PAID", 3)));
+        let trust = if tls {
+            "[fetch]\nca_file = \"ca.pem\"\n"
+        } else {
+            ""
+        };
+        ws.config(&format!("{url}/api/mer"), SECRET, trust);
+        let out = ws.run(&["--input", "orders.csv"]).await;
+        assert_eq!(out.status.code(), Some(0), "tls {tls}: {}", stderr(&out));
+        let rows = ws.rows();
+        assert_eq!(rows.len(), 3);
+        assert!(rows.iter().all(|r| r["status"] == "paid"), "{rows:?}");
+
+        sigterm(&server);
+        let mut err = String::new();
+        server
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut err)
+            .await
+            .unwrap();
+        let status = tokio::time::timeout(Duration::from_secs(60), server.wait())
+            .await
+            .expect("the server stops after SIGTERM")
+            .unwrap();
+        assert_eq!(status.code(), Some(0), "{err}");
+        assert_eq!(
+            lines.next_line().await.unwrap(),
+            None,
+            "nothing else on stdout"
+        );
+    }
+}
+
+/// Bad TLS flags of `paysync mock-server` end it at once with exit 2 and a
+/// message naming the flag (and its file), never the key's bytes.
+#[tokio::test(flavor = "multi_thread")]
+async fn mock_server_tls_flags_are_checked() {
+    let ws = Workspace::new();
+    ws.write("cert.pem", include_str!("fixtures/localhost-cert.pem"));
+    let other_key = include_str!("fixtures/self-signed-key.pem");
+    ws.write("other-key.pem", other_key);
+    ws.write("empty.pem", "");
+    for (args, names) in [
+        (&["--tls-cert", "cert.pem"][..], "--tls-key"),
+        (
+            &["--tls-cert", "cert.pem", "--tls-key", "other-key.pem"][..],
+            "--tls-key other-key.pem",
+        ),
+        (
+            &["--tls-cert", "empty.pem", "--tls-key", "other-key.pem"][..],
+            "--tls-cert empty.pem",
+        ),
+        (
+            &["--tls-cert", "cert.pem", "--tls-key", "missing.pem"][..],
+            "--tls-key missing.pem",
+        ),
+    ] {
+        let out = ws
+            .paysync(&[&["mock-server", "--listen", "127.0.0.1:0"], args].concat())
+            .await;
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(names), "{args:?}: {err}");
+        assert!(stdout(&out).is_empty(), "{args:?}: nothing served");
+        let key_body = other_key.lines().nth(1).unwrap();
+        assert!(!err.contains(key_body), "{err}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

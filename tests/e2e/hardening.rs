@@ -1362,6 +1362,9 @@ async fn http2_prior_knowledge() {
             }
             let c = server.counters().snapshot();
             assert_eq!(prov.detail_requests(&c), orders.len() as u64, "{c:?}");
+            // The mock's own count of HTTP/2 requests agrees (the benchmark uses it).
+            let http2 = if h2 { c.total_requests } else { 0 };
+            assert_eq!(c.http2_requests, http2, "{prov:?} {h2}: {c:?}");
             let seen = seen.lock().unwrap().clone();
             if h2 {
                 assert_eq!(seen, ["none h2"], "{prov:?}");
