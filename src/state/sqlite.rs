@@ -1389,6 +1389,16 @@ mod tests {
     const PP: ProviderKind = ProviderKind::PayProtocol;
 
     /// A fresh store in a temporary directory (kept alive by the returned `TempDir`).
+    /// The status report's (status, tracking, orders) rows.
+    fn report_counts(s: &SqliteStore) -> Vec<(String, String, u64)> {
+        s.status_report(0)
+            .unwrap()
+            .by_status
+            .into_iter()
+            .map(|c| (c.status, c.tracking, c.orders))
+            .collect()
+    }
+
     fn store() -> (TempDir, SqliteStore) {
         let dir = tempfile::tempdir().unwrap();
         let store = SqliteStore::open(&dir.path().join("state/paysync.db")).unwrap();
@@ -1590,15 +1600,8 @@ mod tests {
             .pragma_query_value(None, "user_version", |r| r.get(0))
             .unwrap();
         assert_eq!(version, SCHEMA_VERSION);
-        let counts: Vec<_> = s
-            .status_report(0)
-            .unwrap()
-            .by_status
-            .into_iter()
-            .map(|c| (c.status, c.tracking, c.orders))
-            .collect();
         assert_eq!(
-            counts,
+            report_counts(&s),
             [
                 ("pending".to_owned(), "polling".to_owned(), 1),
                 ("pending".to_owned(), "settled".to_owned(), 1)
@@ -2344,14 +2347,7 @@ mod tests {
                  GROUP BY 1, 2 ORDER BY 1, 2",
             );
             drop(conn);
-            let report: Vec<_> = s
-                .status_report(0)
-                .unwrap()
-                .by_status
-                .into_iter()
-                .map(|c| (c.status, c.tracking, c.orders))
-                .collect();
-            assert_eq!(report, scan);
+            assert_eq!(report_counts(s), scan);
             let mut counted = Vec::new();
             for run in ["r1", "r2", "r3"] {
                 for (status, n) in s.run_status_counts(run).unwrap() {

@@ -90,7 +90,6 @@ async fn spawn_mock_server(
 /// every order the same way.
 #[tokio::test(flavor = "multi_thread")]
 async fn mock_server_command_serves_a_run_and_stops_on_sigterm() {
-    use tokio::io::AsyncReadExt;
     for tls in [false, true] {
         let ws = Workspace::new();
         ws.write("cert.pem", include_str!("fixtures/localhost-cert.pem"));
@@ -101,7 +100,7 @@ async fn mock_server_command_serves_a_run_and_stops_on_sigterm() {
         } else {
             &[]
         };
-        let (mut server, mut lines, url) = spawn_mock_server(&ws, flags).await;
+        let (server, mut lines, url) = spawn_mock_server(&ws, flags).await;
         let scheme = if tls { "https://" } else { "http://" };
         let addr: std::net::SocketAddr = url
             .strip_prefix(scheme)
@@ -123,20 +122,7 @@ async fn mock_server_command_serves_a_run_and_stops_on_sigterm() {
         assert_eq!(rows.len(), 3);
         assert!(rows.iter().all(|r| r["status"] == "paid"), "{rows:?}");
 
-        sigterm(&server);
-        let mut err = String::new();
-        server
-            .stderr
-            .take()
-            .unwrap()
-            .read_to_string(&mut err)
-            .await
-            .unwrap();
-        let status = tokio::time::timeout(Duration::from_secs(60), server.wait())
-            .await
-            .expect("the server stops after SIGTERM")
-            .unwrap();
-        assert_eq!(status.code(), Some(0), "{err}");
+        stop_by_sigterm(server).await;
         assert_eq!(
             lines.next_line().await.unwrap(),
             None,

@@ -108,22 +108,6 @@ impl Notifications {
     }
 }
 
-/// Stops the daemon with SIGTERM, checks that it exits 0, and returns its stderr.
-async fn stop_daemon(mut daemon: tokio::process::Child) -> String {
-    use tokio::io::AsyncReadExt;
-    sigterm(&daemon);
-    let mut err = String::new();
-    daemon
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut err)
-        .await
-        .unwrap();
-    assert_eq!(daemon.wait().await.unwrap().code(), Some(0), "{err}");
-    err
-}
-
 /// A mock server and a workspace configured for the daemon (`DAEMON`), with its
 /// `inbox` directory.
 async fn daemon_workspace() -> (MockServer, Workspace) {
@@ -141,7 +125,7 @@ async fn queue_read_then_stopped(lines: &str, rows: usize) -> (MockServer, Works
     append(&ws, "queue.txt", lines);
     let daemon = start_daemon(&ws, None);
     wait_for("first lines exported", || latest(&ws.rows()).len() == rows).await;
-    stop_daemon(daemon).await;
+    stop_by_sigterm(daemon).await;
     (server, ws)
 }
 
@@ -154,7 +138,7 @@ async fn run_until_exported(server: &MockServer, ws: &Workspace, orders: usize, 
         latest(&ws.rows()).len() == orders
     })
     .await;
-    let err = stop_daemon(daemon).await;
+    let err = stop_by_sigterm(daemon).await;
     assert!(err.contains(said), "{said:?} not in:\n{err}");
     let rows = ws.rows();
     assert_no_duplicates(&rows);
@@ -461,7 +445,7 @@ async fn rejects_survive_a_crash_after_the_ingest_commit() {
     // A clean start publishes the inbox file's; nothing is read twice.
     let daemon = start_daemon(&ws, None);
     wait_for("3 orders exported", || latest(&ws.rows()).len() == 3).await;
-    let log = stop_daemon(daemon).await;
+    let log = stop_by_sigterm(daemon).await;
     assert!(log.contains("published the rejects"), "{log}");
     assert_eq!(rejected_rows(&ws), vec![inbox_reject, queue_reject]);
     assert_eq!(leftovers(&ws), 0, "{:?}", ws.out_files());
@@ -513,7 +497,7 @@ async fn metrics_with_a_bearer_token() {
     let (status, body) = scrape(Some(format!("Bearer {token}"))).await;
     assert_eq!(status, 200, "{body}");
     assert!(body.contains("paysync_requests_total "), "{body}");
-    let log = stop_daemon(daemon).await;
+    let log = stop_by_sigterm(daemon).await;
     assert!(log.contains("metrics endpoint listening"), "{log}");
     assert!(!log.contains(token), "the token leaked into the log");
 }
@@ -658,7 +642,7 @@ async fn metrics_over_https() {
         .send()
         .await;
     assert!(plain.is_err(), "plain http was answered: {plain:?}");
-    let log = stop_daemon(daemon).await;
+    let log = stop_by_sigterm(daemon).await;
     assert!(log.contains("\"https\":true"), "{log}");
     assert!(!log.contains(token), "the token leaked into the log");
     assert!(!log.contains(key_line), "the key leaked into the log");
@@ -720,7 +704,7 @@ async fn compressed_tail_resumes_after_a_crash() {
 
     let daemon = start_daemon(&ws, None);
     wait_for("15 orders exported", || latest(&ws.rows()).len() == 15).await;
-    let log = stop_daemon(daemon).await;
+    let log = stop_by_sigterm(daemon).await;
     assert!(log.contains("rotated and compressed"), "{log}");
     assert_no_duplicates(&ws.rows());
     let rejected = rejected_rows(&ws);
@@ -850,7 +834,7 @@ async fn signal_while_starting_stops_cleanly() {
     // The state's lock file exists once the state is open, which is after the
     // signal handlers are installed and before the first ingest.
     wait_for("state opened", || ws.path("state.db.lock").exists()).await;
-    let err = stop_daemon(daemon).await;
+    let err = stop_by_sigterm(daemon).await;
     assert!(err.contains("shutting down"), "{err}");
 
     let out = ws.run(&[]).await;
@@ -934,7 +918,7 @@ async fn queue_rotated_while_down_loses_no_line() {
     // Lines appended to the new file later are read from where it was left.
     append(&ws, "queue.txt", "C-PAID-2\n");
     wait_for("new line exported", || latest(&ws.rows()).len() == 6).await;
-    let err = stop_daemon(daemon).await;
+    let err = stop_by_sigterm(daemon).await;
     assert!(
         err.contains("queue file was rotated; reading the rest"),
         "{err}"
@@ -975,7 +959,7 @@ async fn a_running_ingest_is_not_started_again() {
         ws.path("inbox/done/big.csv").exists()
     })
     .await;
-    let err = stop_daemon(daemon).await;
+    let err = stop_by_sigterm(daemon).await;
     assert!(
         err.contains("ingest still running; skipping this turn"),
         "{err}"

@@ -269,3 +269,24 @@ pub fn sigterm(child: &tokio::process::Child) {
         .unwrap();
     assert!(ok.success());
 }
+
+/// Stops a child with a real SIGTERM, checks that it exits 0 (within a minute),
+/// and returns its stderr (the child must have been spawned with it piped).
+pub async fn stop_by_sigterm(mut child: tokio::process::Child) -> String {
+    use tokio::io::AsyncReadExt;
+    sigterm(&child);
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .expect("stderr piped")
+        .read_to_string(&mut err)
+        .await
+        .unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(60), child.wait())
+        .await
+        .expect("the child stops after SIGTERM")
+        .unwrap();
+    assert_eq!(status.code(), Some(0), "{err}");
+    err
+}
