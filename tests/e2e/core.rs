@@ -23,14 +23,7 @@ async fn output_into_a_closed_pipe_is_not_a_crash() {
         writer
     };
     for args in [
-        &[
-            "run",
-            "--config",
-            "config.toml",
-            "--no-progress",
-            "--input",
-            "orders.csv",
-        ][..],
+        RUN_ORDERS_CSV,
         &["status", "--config", "config.toml"],
         &["status", "--config", "config.toml", "--json"],
         &["validate", "--config", "config.toml"],

@@ -805,14 +805,7 @@ async fn newer_state_schema_is_refused_clearly() {
     }
     let requests = server.counters().snapshot().total_requests;
     for args in [
-        &[
-            "run",
-            "--config",
-            "config.toml",
-            "--no-progress",
-            "--input",
-            "orders.csv",
-        ][..],
+        RUN_ORDERS_CSV,
         &["daemon", "--config", "config.toml"],
         &["status", "--config", "config.toml"],
     ] {

@@ -29,6 +29,17 @@ pub const PROXY_VARS: [&str; 8] = [
     "no_proxy",
 ];
 
+/// `paysync run` on the workspace's config and `orders.csv`, as a full argument
+/// list (for tests that loop over several commands).
+pub const RUN_ORDERS_CSV: &[&str] = &[
+    "run",
+    "--config",
+    "config.toml",
+    "--no-progress",
+    "--input",
+    "orders.csv",
+];
+
 /// A temporary directory holding config, secret, inputs, state and output.
 pub struct Workspace {
     dir: tempfile::TempDir,
